@@ -1,0 +1,1 @@
+"""Datasets: sources, Parquet preparation with a manifest, and readers."""

@@ -1,0 +1,97 @@
+"""`diffusion-pipeline`: one console script, one subcommand module per stage.
+
+Each module in `SUBCOMMANDS` defines `register(app: typer.Typer) -> None`. Errors that users can
+act on (`DiffusionPipelineError`) print as one line plus a hint; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from pathlib import Path
+
+import typer
+
+from diffusion_core.errors import DiffusionPipelineError
+
+SUBCOMMANDS = (
+    "prepare", "train", "evaluate", "register", "promote", "rollback",
+    "serve", "generate", "schedule", "run",
+)
+
+app = typer.Typer(
+    name="diffusion-pipeline",
+    help="Train, register, serve and retrain denoising diffusion models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+class GlobalOptions:
+    """Options shared by every subcommand (set by the app callback)."""
+
+    config: Path | None = None
+    debug: bool = False
+
+
+@app.callback()
+def _global(
+    config: Path | None = typer.Option(
+        None, "--config", "-c", help="YAML or TOML file with one section per stage "
+        "(prepare, train, evaluate, registry, serve, pipeline). Flags override it; "
+        "MLFLOW_TRACKING_URI and RAY_ADDRESS override it too.", envvar="DIFFUSION_PIPELINE_CONFIG",
+    ),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks and debug logs."),
+) -> None:
+    GlobalOptions.config = config
+    GlobalOptions.debug = debug
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _register_all() -> None:
+    for name in SUBCOMMANDS:
+        try:
+            module = importlib.import_module(f"flows.cli.{name}")
+        except ModuleNotFoundError as err:
+            if err.name == f"flows.cli.{name}":
+                continue  # subcommand not built yet
+            raise
+        module.register(app)
+
+
+_register_all()
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        app(args=argv, standalone_mode=False)
+    except DiffusionPipelineError as err:
+        if GlobalOptions.debug:
+            raise
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        if err.hint:
+            typer.secho(f"hint: {err.hint}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.secho("interrupted", err=True)
+        sys.exit(130)
+    except Exception as err:  # noqa: BLE001 - the CLI's last line of defence
+        import click
+
+        if isinstance(err, click.exceptions.ClickException):
+            err.show()
+            sys.exit(err.exit_code)
+        if isinstance(err, click.exceptions.Exit):
+            sys.exit(err.exit_code)
+        if isinstance(err, click.exceptions.Abort):
+            sys.exit(1)
+        if GlobalOptions.debug:
+            raise
+        typer.secho(f"error: {type(err).__name__}: {err}", fg=typer.colors.RED, err=True)
+        typer.secho("hint: rerun with --debug for the full traceback", err=True)
+        sys.exit(1)

@@ -1,0 +1,85 @@
+"""One configuration system for every command: file section, then environment, then flags.
+
+Precedence (lowest to highest): the model's field defaults (the one source of defaults), the
+section of a YAML or TOML config file, the environment variables in `ENV_FIELDS`, and explicit
+command-line flags. Nested fields are addressed with dotted keys (`unet.base_channels`).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from diffusion_core.errors import ConfigError, config_error_from
+
+M = TypeVar("M", bound=BaseModel)
+
+# Environment variables that users of Ray and MLflow already set, mapped to the field they fill
+# wherever a config model has that field.
+ENV_FIELDS: dict[str, str] = {
+    "MLFLOW_TRACKING_URI": "tracking_uri",
+    "RAY_ADDRESS": "ray_address",
+}
+
+
+def read_config_file(path: str | Path | None) -> dict[str, Any]:
+    """The whole config file as a dict; {} when no path is given."""
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config: file {str(p)!r} does not exist", hint="pass --config PATH to a .yaml/.toml")
+    text = p.read_text()
+    if p.suffix in (".yaml", ".yml"):
+        data = yaml.safe_load(text) or {}
+    elif p.suffix == ".toml":
+        data = tomllib.loads(text)
+    else:
+        raise ConfigError(f"config: unsupported file type {p.suffix!r}; accepted: .yaml, .yml, .toml")
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {p} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _set_dotted(target: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    for part in parents:
+        target = target.setdefault(part, {})
+    target[leaf] = value
+
+
+def env_overrides(model: type[BaseModel], environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    environ = os.environ if environ is None else environ
+    fields = model.model_fields
+    return {field: environ[var] for var, field in ENV_FIELDS.items() if field in fields and environ.get(var)}
+
+
+def load_config(
+    model: type[M],
+    section: str,
+    path: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> M:
+    """Build `model` from `section` of the config file, the environment and flag `overrides`.
+
+    `overrides` values of None mean "flag not given" and are ignored.
+    """
+    file_data = read_config_file(path)
+    data = dict(file_data.get(section) or {})
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: section {section!r} must be a mapping")
+    data.update(env_overrides(model, environ))
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(data, key, value)
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise config_error_from(err, prefix=section) from None

@@ -1,0 +1,1 @@
+"""Ray Serve application: batched reverse sampling over HTTP."""

@@ -1,0 +1,167 @@
+"""Shared fixtures: one real local Ray, MLflow store/server and Prefect engine per test session.
+
+Starting each of these costs seconds, so they are shared; each is shut down at the end of the
+session so that no process outlives the run.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+# Keep every service on loopback and every library quiet and offline.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+# Logical CPUs for the session Ray: more than the 2 physical cores so that two 1-CPU training
+# workers and Serve replicas can coexist; the tests are sized so that this does not oversubscribe.
+RAY_TEST_CPUS = 4
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def _ray_session() -> Iterator[None]:
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture()
+def ray_local(_ray_session: None):
+    """A local single-node Ray, started on first use and shared by the session."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=RAY_TEST_CPUS, include_dashboard=False, log_to_driver=True,
+                 configure_logging=False)
+    return ray
+
+
+@pytest.fixture()
+def fresh_ray_cluster(_ray_session: None):
+    """A multi-node Ray cluster on this machine (ray.cluster_utils.Cluster); replaces the session Ray
+    for the duration of one test."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        _shutdown_serve_quietly()
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def _shutdown_serve_quietly() -> None:
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    except Exception:  # noqa: BLE001 - Serve may never have started
+        pass
+
+
+@dataclass(frozen=True)
+class MlflowStore:
+    tracking_uri: str
+    artifact_root: str
+
+
+@pytest.fixture()
+def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> MlflowStore:
+    """A fresh SQLite-backed MLflow store in a temp dir, set as the process's tracking URI."""
+    import mlflow
+
+    db = tmp_path / "mlflow.db"
+    artifacts = tmp_path / "mlartifacts"
+    artifacts.mkdir()
+    uri = f"sqlite:///{db}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowStore(tracking_uri=uri, artifact_root=artifacts.as_uri())
+
+
+@dataclass(frozen=True)
+class MlflowServer:
+    tracking_uri: str
+    process: subprocess.Popen
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """`mlflow server` on 127.0.0.1 with a SQLite backend and served artifacts (the team setup)."""
+    root = tmp_path_factory.mktemp("mlflow_server")
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "mlflow", "server",
+        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination", str(root / "artifacts"),
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+    ]
+    log = open(root / "server.log", "wb")  # noqa: SIM115 - closed at teardown
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http(uri + "/health", proc, timeout=120, log_path=root / "server.log")
+        yield MlflowServer(tracking_uri=uri, process=proc)
+    finally:
+        _terminate(proc)
+        log.close()
+
+
+def _wait_http(url: str, proc: subprocess.Popen, timeout: float, log_path: Path) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited early: {log_path.read_text()[-2000:]}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not up after {timeout}s: {log_path.read_text()[-2000:]}")
+
+
+def _terminate(proc: subprocess.Popen) -> None:
+    import signal
+
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    """Prefect's real local engine against a temporary server, shared by the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
