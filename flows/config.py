@@ -34,7 +34,9 @@ def read_config_file(path: str | Path | None) -> dict[str, Any]:
         return {}
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config: file {str(p)!r} does not exist", hint="pass --config PATH to a .yaml/.toml")
+        raise ConfigError(
+            f"config: file {str(p)!r} does not exist", hint="pass --config PATH to a .yaml/.toml file"
+        )
     text = p.read_text()
     if p.suffix in (".yaml", ".yml"):
         data = yaml.safe_load(text) or {}

@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         typer.secho("interrupted", err=True)
         sys.exit(130)
-    except Exception as err:  # noqa: BLE001 - the CLI's last line of defence
+    except Exception as err:  # the CLI's last line of defence
         import click
 
         if isinstance(err, click.exceptions.ClickException):
