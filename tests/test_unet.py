@@ -37,7 +37,9 @@ def inputs(cfg: UNetConfig, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.
         UNetConfig.digits_default(num_classes=None),
         UNetConfig(image_size=8, in_channels=3, channel_mult=(1, 2), attention_resolutions=(4,), **SMALL),
         UNetConfig(image_size=32, in_channels=3, channel_mult=(1, 2, 2), attention_resolutions=(8,), **SMALL),
-        UNetConfig(image_size=64, in_channels=3, channel_mult=(1, 1, 2, 2), attention_resolutions=(8,), **SMALL),
+        UNetConfig(
+            image_size=64, in_channels=3, channel_mult=(1, 1, 2, 2), attention_resolutions=(8,), **SMALL
+        ),
     ],
     ids=["1ch-8px", "3ch-8px", "3ch-32px", "3ch-64px"],
 )
@@ -57,7 +59,8 @@ def test_digits_default_is_small_and_count_parameters_counts_every_scalar() -> N
     assert n == sum(p.numel() for p in model.parameters())
     assert 500_000 <= n <= 2_000_000
     model.conv_in.requires_grad_(False)
-    assert count_parameters(model, trainable_only=True) == n - sum(p.numel() for p in model.conv_in.parameters())
+    frozen = sum(p.numel() for p in model.conv_in.parameters())
+    assert count_parameters(model, trainable_only=True) == n - frozen
 
 
 def test_timestep_embedding_matches_the_sinusoidal_formula() -> None:
