@@ -1,0 +1,75 @@
+"""Standard FID (Heusel et al. 2017) with Inception-v3 features, from a local weights file only.
+
+torchmetrics' `FrechetInceptionDistance(feature=2048)` needs torch-fidelity (which needs
+torchvision, unusable here) and downloads weights at run time; both are ruled out. Instead the user
+supplies a TorchScript Inception file (`EvalConfig.inception_path`) and we hand it to torchmetrics
+as a custom `feature=` module. Two calling conventions are supported (`inception_input`):
+
+- "nvlabs_uint8": NVlabs' `inception-2015-12-05.pt` (StyleGAN2-ADA / StyleGAN3 metrics), which
+  takes uint8 (N, 3, H, W) of any size and is called with `return_features=True` -> (N, 2048).
+  It resizes internally exactly like the TF original, so its numbers match published FIDs.
+- "float_299": any TorchScript module taking float (N, 3, 299, 299) in [0, 1] -> (N, D).
+
+Grey images are repeated to three channels. Nothing here downloads anything.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from diffusion_core.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+InceptionInput = Literal["nvlabs_uint8", "float_299"]
+
+
+class _InceptionAdapter(nn.Module):
+    """Maps torchmetrics' uint8 (N, C, H, W) batches onto the TorchScript module's convention."""
+
+    def __init__(self, scripted: nn.Module, convention: InceptionInput) -> None:
+        super().__init__()
+        self.scripted = scripted
+        self.convention = convention
+
+    def forward(self, images_uint8: Tensor) -> Tensor:
+        x = images_uint8.expand(-1, 3, -1, -1) if images_uint8.shape[1] == 1 else images_uint8
+        if self.convention == "nvlabs_uint8":
+            return self.scripted(x.to(torch.uint8), return_features=True)
+        x = nn.functional.interpolate(x.to(torch.float32) / 255, size=(299, 299), mode="bilinear",
+                                      align_corners=False)
+        return self.scripted(x)
+
+
+def load_inception(path: Path | str | None, convention: InceptionInput = "nvlabs_uint8") -> nn.Module:
+    """Load the user's TorchScript Inception; a clear ConfigError when it is not there."""
+    if path is None:
+        raise ConfigError(
+            "evaluate.inception_path is not set: Inception FID needs a local TorchScript Inception file",
+            hint="place NVlabs' inception-2015-12-05.pt on disk and set evaluate.inception_path to it "
+                 "(nothing is downloaded at run time), or leave compute_inception_fid off",
+        )
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"evaluate.inception_path: file {str(p)!r} does not exist",
+                          hint="point it at a local TorchScript Inception file (e.g. inception-2015-12-05.pt)")
+    # TorchScript archives are code + tensors loaded by the TorchScript loader, not arbitrary pickles.
+    scripted = torch.jit.load(str(p), map_location="cpu").eval()
+    return _InceptionAdapter(scripted, convention).eval()
+
+
+@torch.no_grad()
+def inception_fid(real: Tensor, fake: Tensor, inception: nn.Module, batch_size: int = 64) -> float:
+    """FID between (N, C, H, W) image sets in [0, 1] with torchmetrics and a local Inception."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    metric = FrechetInceptionDistance(feature=inception, normalize=True)
+    for images, is_real in ((real, True), (fake, False)):
+        for chunk in images.split(batch_size):
+            metric.update(chunk.clamp(0, 1), real=is_real)
+    return float(metric.compute())

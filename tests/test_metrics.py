@@ -1,0 +1,207 @@
+"""Evaluation metrics: closed forms, a reference implementation, and separation on real digits."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from sklearn.datasets import load_digits
+
+from diffusion_core.errors import ConfigError
+from diffusion_core.metrics import EvalConfig, ReferenceData, eval_settings_key, evaluate_samples
+from diffusion_core.metrics_features import (
+    FeatureNetConfig,
+    accuracy,
+    random_feature_extractor,
+    trained_feature_extractor,
+)
+from diffusion_core.metrics_fid import inception_fid, load_inception
+from diffusion_core.metrics_stats import (
+    class_histogram,
+    frechet_distance,
+    frechet_distance_from_stats,
+    normalised_entropy,
+    precision_recall,
+)
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------- Fréchet distance
+
+
+def test_frechet_distance_matches_closed_form_for_diagonal_gaussians() -> None:
+    # For commuting (diagonal) covariances: d^2 = |mu1 - mu2|^2 + sum_i (sqrt(a_i) - sqrt(b_i))^2.
+    a, b = torch.tensor([1.0, 4.0, 9.0], dtype=torch.float64), torch.tensor([4.0, 1.0, 9.0], dtype=torch.float64)
+    mu1, mu2 = torch.zeros(3, dtype=torch.float64), torch.tensor([1.0, 2.0, 0.0], dtype=torch.float64)
+    expected = 5.0 + float(((a.sqrt() - b.sqrt()) ** 2).sum())
+    assert frechet_distance_from_stats(mu1, torch.diag(a), mu2, torch.diag(b)) == pytest.approx(expected)
+
+
+def test_frechet_distance_matches_scipy_sqrtm_for_non_commuting_covariances() -> None:
+    rng = np.random.default_rng(0)
+    m1, m2 = rng.normal(size=(6, 6)), rng.normal(size=(6, 6))
+    s1, s2 = m1 @ m1.T + 0.1 * np.eye(6), m2 @ m2.T + 0.1 * np.eye(6)
+    mu1, mu2 = rng.normal(size=6), rng.normal(size=6)
+    reference = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2).real)
+    t = lambda a: torch.from_numpy(a)  # noqa: E731
+    assert frechet_distance_from_stats(t(mu1), t(s1), t(mu2), t(s2)) == pytest.approx(reference, rel=1e-6)
+
+
+def test_frechet_distance_of_samples_approaches_the_population_value() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(20000, 2, generator=g, dtype=torch.float64)
+    y = torch.randn(20000, 2, generator=g, dtype=torch.float64) * 2 + 3  # N(3, 4 I)
+    # |mu|^2 = 18; per dimension (1 - 2)^2 = 1 -> 20.
+    assert frechet_distance(x, y) == pytest.approx(20.0, rel=0.03)
+    assert frechet_distance(x, x) == pytest.approx(0.0, abs=1e-9)
+
+
+# ------------------------------------------------------------------------------ precision and recall
+
+
+def test_precision_recall_identical_disjoint_and_collapsed_sets() -> None:
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(400, 4, generator=g)
+    assert precision_recall(real, real.clone()) == (1.0, 1.0)
+    assert precision_recall(real, real + 100.0) == (0.0, 0.0)
+    # Samples collapsed onto a small region of the data: realistic (precision ~1), poor variety.
+    collapsed = real[real[:, 0] > 1.0]
+    precision, recall = precision_recall(real, collapsed)
+    assert precision == 1.0 and recall < 0.5
+
+
+def test_precision_recall_rejects_k_too_large() -> None:
+    with pytest.raises(ValueError, match="k must be"):
+        precision_recall(torch.zeros(3, 2), torch.zeros(3, 2), k=3)
+
+
+def test_class_histogram_and_entropy() -> None:
+    uniform = class_histogram(torch.arange(100) % 10, 10)
+    assert uniform == pytest.approx([0.1] * 10)
+    assert normalised_entropy(uniform) == pytest.approx(1.0)
+    assert normalised_entropy(class_histogram(torch.full((50,), 3), 10)) == 0.0
+
+
+# ---------------------------------------------------------------------------------- digits: the data
+
+
+@pytest.fixture(scope="module")
+def digits() -> ReferenceData:
+    """sklearn digits in [0, 1], a fixed 1437/360 train/validation split."""
+    data = load_digits()
+    images = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16
+    labels = torch.tensor(data.target, dtype=torch.int64)
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    train, val = order[:1437], order[1437:]
+    return ReferenceData("digits-test", images[train], labels[train], images[val], 10)
+
+
+@pytest.fixture(scope="module")
+def extractor(digits: ReferenceData, tmp_path_factory: pytest.TempPathFactory):
+    cache = tmp_path_factory.mktemp("feature-cache")
+    return trained_feature_extractor(digits.fingerprint, digits.train_images, digits.train_labels, 10, cache)
+
+
+def _corruptions(digits: ReferenceData) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    val = digits.val_images
+    padded = torch.nn.functional.pad(val, (1, 1, 1, 1), mode="replicate")
+    return {
+        "real (held-out train images)": digits.train_images[:360],
+        "gaussian noise": (0.5 + 0.3 * torch.randn(val.shape, generator=g)).clamp(0, 1),
+        "blurred validation copy": torch.nn.functional.avg_pool2d(padded, 3, stride=1),
+        "a single class": digits.train_images[digits.train_labels == 3][:150],
+    }
+
+
+def test_feature_classifier_is_accurate_and_cached_as_safetensors_json(digits, extractor) -> None:
+    val_labels = torch.tensor(load_digits().target)[torch.randperm(1797, generator=torch.Generator()
+                                                                  .manual_seed(0))[1437:]]
+    assert accuracy(extractor.net, digits.val_images, val_labels) > 0.9
+    files = sorted(p.name for p in extractor.directory.iterdir())
+    assert files == ["meta.json", "weights.safetensors"]
+    assert json.loads((extractor.directory / "meta.json").read_text())["dataset_fingerprint"] == "digits-test"
+    # A second call loads the cached weights instead of training: same features, bit for bit.
+    again = trained_feature_extractor(digits.fingerprint, digits.train_images[:10], digits.train_labels[:10],
+                                      10, extractor.directory.parent)
+    assert torch.equal(again.features_and_predictions(digits.val_images)[0],
+                       extractor.features_and_predictions(digits.val_images)[0])
+
+
+def test_fd_separates_real_digits_from_noise_blur_and_collapse(digits, extractor) -> None:
+    scores = {name: evaluate_samples(images, digits.val_images, extractor)
+              for name, images in _corruptions(digits).items()}
+    for name, s in scores.items():
+        logger.warning("separation %-30s fd=%8.2f precision=%.3f recall=%.3f entropy=%.3f", name, s["fd"],
+                       s["precision"], s["recall"], s["class_entropy"])
+    real = scores.pop("real (held-out train images)")
+    assert real["precision"] > 0.8 and real["recall"] > 0.8 and real["class_entropy"] > 0.95
+    for name, s in scores.items():
+        assert s["fd"] > 10 * real["fd"], name
+        assert s["recall"] < 0.5, name
+    assert scores["a single class"]["class_entropy"] < 0.1
+
+
+def test_label_accuracy_counts_samples_classified_as_requested(digits, extractor) -> None:
+    val_labels = extractor.features_and_predictions(digits.val_images)[1]
+    right = evaluate_samples(digits.val_images, digits.val_images, extractor, val_labels)
+    wrong = evaluate_samples(digits.val_images, digits.val_images, extractor, (val_labels + 1) % 10)
+    assert right["label_accuracy"] == 1.0 and wrong["label_accuracy"] == 0.0
+
+
+def test_random_feature_fallback_still_separates_noise(digits) -> None:
+    random_features = random_feature_extractor(1, FeatureNetConfig(seed=7))
+    same = random_feature_extractor(1, FeatureNetConfig(seed=7))
+    corrupt = _corruptions(digits)
+    real = evaluate_samples(corrupt["real (held-out train images)"], digits.val_images, random_features)
+    noise = evaluate_samples(corrupt["gaussian noise"], digits.val_images, random_features)
+    assert noise["fd"] > 10 * real["fd"]
+    assert evaluate_samples(corrupt["gaussian noise"], digits.val_images, same)["fd"] == noise["fd"]
+
+
+def test_eval_key_changes_with_every_setting_that_changes_the_number() -> None:
+    base = EvalConfig()
+    key = eval_settings_key("fp", 360, base)
+    assert key == eval_settings_key("fp", 360, EvalConfig(batch_size=7, device="cpu"))  # no effect on FD
+    for changed in ({"num_samples": 600}, {"seed": 1}, {"steps": 10}, {"sampler": "ddim"}):
+        assert eval_settings_key("fp", 360, EvalConfig(**changed)) != key, changed
+    assert eval_settings_key("other", 360, base) != key
+
+
+# -------------------------------------------------------------------------- Inception FID (local file)
+
+
+class _TinyFeatures(torch.nn.Module):
+    """Stands in for a TorchScript Inception taking float (N, 3, 299, 299) in [0, 1]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 16, 5, stride=4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.adaptive_avg_pool2d(torch.relu(self.conv(x)), 2).flatten(1)
+
+
+def test_inception_fid_through_torchmetrics_with_a_local_torchscript_file(digits, tmp_path: Path) -> None:
+    path = tmp_path / "inception.pt"
+    torch.jit.script(_TinyFeatures()).save(str(path))
+    inception = load_inception(path, "float_299")
+    corrupt = _corruptions(digits)
+    real = inception_fid(digits.val_images[:100], corrupt["real (held-out train images)"][:100], inception)
+    noise = inception_fid(digits.val_images[:100], corrupt["gaussian noise"][:100], inception)
+    assert 0 <= real < noise
+
+
+def test_inception_fid_without_weights_file_says_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="inception_path is not set") as err:
+        load_inception(None)
+    assert "inception-2015-12-05.pt" in err.value.hint
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_inception(tmp_path / "missing.pt")
