@@ -116,7 +116,9 @@ def random_feature_extractor(in_channels: int, config: FeatureNetConfig) -> Feat
     return FeatureExtractor(net=net, kind="random_features", num_classes=1)
 
 
-def train_feature_net(images: Tensor, labels: Tensor, num_classes: int, config: FeatureNetConfig) -> FeatureNet:
+def train_feature_net(
+    images: Tensor, labels: Tensor, num_classes: int, config: FeatureNetConfig
+) -> FeatureNet:
     """Train a FeatureNet with Adam and cross-entropy on (N, C, H, W) images in [0, 1]."""
     net = _seeded_net(images.shape[1], num_classes, config).train()
     optimiser = torch.optim.Adam(net.parameters(), lr=config.lr)

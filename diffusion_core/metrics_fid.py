@@ -57,7 +57,7 @@ def load_inception(path: Path | str | None, convention: InceptionInput = "nvlabs
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"evaluate.inception_path: file {str(p)!r} does not exist",
-                          hint="point it at a local TorchScript Inception file (e.g. inception-2015-12-05.pt)")
+                          hint="point it at a local TorchScript Inception (e.g. inception-2015-12-05.pt)")
     # TorchScript archives are code + tensors loaded by the TorchScript loader, not arbitrary pickles.
     scripted = torch.jit.load(str(p), map_location="cpu").eval()
     return _InceptionAdapter(scripted, convention).eval()

@@ -92,4 +92,4 @@ def normalised_entropy(histogram: list[float]) -> float:
     if len(histogram) < 2:
         return 1.0
     entropy = -sum(p * math.log(p) for p in histogram if p > 0)
-    return max(entropy / math.log(len(histogram)), 0.0)  # no -0.0 for a single class
+    return max(0.0, entropy / math.log(len(histogram)))  # no -0.0 for a single class

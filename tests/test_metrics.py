@@ -37,7 +37,8 @@ logger = logging.getLogger(__name__)
 
 def test_frechet_distance_matches_closed_form_for_diagonal_gaussians() -> None:
     # For commuting (diagonal) covariances: d^2 = |mu1 - mu2|^2 + sum_i (sqrt(a_i) - sqrt(b_i))^2.
-    a, b = torch.tensor([1.0, 4.0, 9.0], dtype=torch.float64), torch.tensor([4.0, 1.0, 9.0], dtype=torch.float64)
+    f64 = torch.float64
+    a, b = torch.tensor([1.0, 4.0, 9.0], dtype=f64), torch.tensor([4.0, 1.0, 9.0], dtype=f64)
     mu1, mu2 = torch.zeros(3, dtype=torch.float64), torch.tensor([1.0, 2.0, 0.0], dtype=torch.float64)
     expected = 5.0 + float(((a.sqrt() - b.sqrt()) ** 2).sum())
     assert frechet_distance_from_stats(mu1, torch.diag(a), mu2, torch.diag(b)) == pytest.approx(expected)
