@@ -1,0 +1,176 @@
+"""A multi-node Ray cluster on one machine, started with the same `ray start` commands as a real one.
+
+Each node gets its own ports and `--temp-dir`, so the cluster never collides with another local Ray
+(a test session's `ray.init`, a colleague's run). Every process a node starts stays in the process
+group of its `ray start`, which is how `stop()` ends exactly these processes: `ray stop` would end
+every Ray process of this user on the machine, including ones this cluster does not own.
+
+    python -m infra.local_cluster up --nodes 2       # prints RAY_ADDRESS=...; Ctrl-C stops it
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+logger = logging.getLogger(__name__)
+
+# The ports `ray start` would otherwise take at fixed defaults, which two nodes on one host share.
+_PORT_FLAGS = (
+    "--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
+    "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port",
+)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LocalNode:
+    """One `ray start` on this machine: its temp dir and the process group it started."""
+
+    temp_dir: Path
+    pgid: int | None = None
+
+    def processes(self) -> list[psutil.Process]:
+        """Live processes of this node: its process group, or any process naming its temp dir."""
+        found = []
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                in_group = self.pgid is not None and os.getpgid(proc.pid) == self.pgid
+                names_dir = str(self.temp_dir) in " ".join(proc.info["cmdline"] or ())
+            except (ProcessLookupError, psutil.Error):
+                continue
+            if (in_group or names_dir) and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        return found
+
+
+@dataclass
+class LocalRayCluster:
+    """A head plus `num_nodes - 1` worker nodes, `cpus_per_node` logical CPUs each.
+
+    `address` (host:port of the head's GCS) is what a driver passes as RAY_ADDRESS.
+    `dashboard_port` None leaves the dashboard off.
+    """
+
+    num_nodes: int = 2
+    cpus_per_node: int = 1
+    dashboard_port: int | None = None
+    root: Path | None = None
+    nodes: list[LocalNode] = field(default_factory=list)
+    address: str = ""
+
+    def start(self, timeout_s: float = 120.0) -> str:
+        if self.num_nodes < 1:
+            raise ValueError(f"num_nodes must be >= 1, got {self.num_nodes}")
+        # Unix socket paths must stay under 108 bytes: a short root under /tmp keeps them there.
+        self.root = Path(self.root or tempfile.mkdtemp(prefix="rayc", dir="/tmp"))
+        self.address = f"127.0.0.1:{free_port()}"
+        try:
+            self._start_node(head=True, timeout_s=timeout_s)
+            for _ in range(self.num_nodes - 1):
+                self._start_node(head=False, timeout_s=timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        logger.info("local Ray cluster of %d nodes at %s", self.num_nodes, self.address)
+        return self.address
+
+    def _start_node(self, *, head: bool, timeout_s: float) -> None:
+        node = LocalNode(temp_dir=self.root / f"n{len(self.nodes)}")
+        node.temp_dir.mkdir(parents=True)
+        self.nodes.append(node)
+        cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", *self._node_args(node, head)]
+        log_path = node.temp_dir / "ray_start.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        node.pgid = proc.pid
+        try:
+            rc = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            rc = None
+        if rc != 0:
+            raise RuntimeError(f"ray start failed (rc={rc}): {log_path.read_text()[-3000:]}")
+
+    def _node_args(self, node: LocalNode, head: bool) -> list[str]:
+        args = [
+            "--num-cpus", str(self.cpus_per_node), "--num-gpus", "0",
+            "--temp-dir", str(node.temp_dir), "--disable-usage-stats",
+            "--node-ip-address", "127.0.0.1",
+        ]
+        for flag in _PORT_FLAGS:
+            args += [flag, str(free_port())]
+        if not head:
+            return [*args, "--address", self.address]
+        host, port = self.address.split(":")
+        args += ["--head", "--port", port, "--ray-client-server-port", str(free_port())]
+        if self.dashboard_port is None:
+            return [*args, "--include-dashboard=false"]
+        return [*args, "--include-dashboard=true", "--dashboard-host", host,
+                "--dashboard-port", str(self.dashboard_port)]
+
+    def processes(self) -> list[psutil.Process]:
+        return [p for node in self.nodes for p in node.processes()]
+
+    def stop(self, grace_s: float = 3.0) -> None:
+        """Terminate every process of every node (workers first), then kill what is left.
+
+        raylet and gcs_server can take longer than a rehearsal is worth to exit on SIGTERM; the
+        cluster is disposable, so after `grace_s` the rest is killed.
+        """
+        for node in reversed(self.nodes):
+            _signal_all(node.processes(), signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while self.processes() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        _signal_all(self.processes(), signal.SIGKILL)
+        psutil.wait_procs(self.processes(), timeout=5)
+
+    def __enter__(self) -> LocalRayCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _signal_all(processes: list[psutil.Process], sig: signal.Signals) -> None:
+    for proc in processes:
+        with contextlib.suppress(psutil.Error):
+            proc.send_signal(sig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["up"])
+    parser.add_argument("--nodes", type=int, default=2)
+    parser.add_argument("--cpus-per-node", type=int, default=1)
+    parser.add_argument("--dashboard-port", type=int, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cluster = LocalRayCluster(args.nodes, args.cpus_per_node, args.dashboard_port)
+    with cluster:
+        print(f"RAY_ADDRESS={cluster.address}", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            signal.pause()
+
+
+if __name__ == "__main__":
+    main()
