@@ -112,6 +112,20 @@ class ReferenceData:
         return cls(fingerprint, (train_images + 1) / 2, train_labels, (val_images + 1) / 2, num_classes)
 
 
+def reference_from_dataset(dataset_uri: str) -> ReferenceData:
+    """Both splits of a prepared dataset (local path or URI) in memory, labels only when it has them."""
+    from diffusion_core.data.manifest import read_manifest
+    from diffusion_core.data.readers import load_split
+
+    manifest = read_manifest(dataset_uri)
+    train_images, train_labels = load_split(dataset_uri, "train")
+    val_images, _ = load_split(dataset_uri, "val")
+    labelled = manifest.num_classes is not None
+    return ReferenceData.from_model_space(manifest.fingerprint, train_images,
+                                          train_labels if labelled else None, val_images,
+                                          manifest.num_classes)
+
+
 def eval_settings_key(fingerprint: str, num_val: int, config: EvalConfig) -> str:
     """A hash of everything an FD number depends on besides the model: two FDs are comparable
     exactly when their keys are equal."""

@@ -1,0 +1,43 @@
+"""`diffusion-pipeline promote VERSION`: run the promotion gate for a registered version (or force it)."""
+
+from __future__ import annotations
+
+import typer
+
+from flows.cli.register import load_registry_config, print_decision
+
+
+def register(app: typer.Typer) -> None:
+    app.command("promote")(promote_command)
+
+
+def promote_command(
+    version: str = typer.Argument(..., help="Version number of the registered model."),
+    model_name: str | None = typer.Option(None, help="Registered model name (registry.model_name)."),
+    tracking_uri: str | None = typer.Option(None, help="MLflow tracking URI (or MLFLOW_TRACKING_URI)."),
+    force: bool = typer.Option(False, "--force", help="Make it champion whatever the numbers say."),
+    dataset: str | None = typer.Option(
+        None, help="Prepared dataset to re-evaluate the champion on when its recorded FD was measured "
+        "under other settings (the `evaluate` config section applies)."),
+) -> None:
+    """Make VERSION the champion if its recorded FD beats the champion's by registry.gate_margin."""
+    from diffusion_core.adapters.mlflow_registry import promote_if_better
+
+    registry = load_registry_config({"model_name": model_name, "tracking_uri": tracking_uri})
+    decision = promote_if_better(
+        registry.model_name, version, margin=registry.gate_margin, force=force,
+        tracking_uri=registry.tracking_uri, lock_dir=registry.lock_dir,
+        reevaluate_champion=None if dataset is None else _reevaluator(dataset, registry))
+    print_decision(decision)
+    if decision.action == "rejected":
+        raise typer.Exit(code=1)
+
+
+def _reevaluator(dataset: str, registry):
+    from diffusion_core.metrics import feature_extractor_for, reference_from_dataset
+    from flows.cli.evaluate import load_eval_config
+    from flows.evaluate import champion_reevaluator
+
+    config = load_eval_config({})
+    reference = reference_from_dataset(dataset)
+    return champion_reevaluator(reference, feature_extractor_for(reference, config), config, registry)

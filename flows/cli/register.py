@@ -1,0 +1,79 @@
+"""`diffusion-pipeline register CHECKPOINT`: log a checkpoint to MLflow as a new registered version.
+
+With `--dataset` the checkpoint is evaluated first (numbers become version tags) and the promotion
+gate runs (unless `--no-gate`); without it the version is registered as `candidate` only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from flows.cli.evaluate import eval_overrides, load_eval_config
+
+if TYPE_CHECKING:  # MLflow loads only when a registry command runs, not with every CLI call
+    from diffusion_core.adapters.mlflow_registry import ModelVersionInfo, PromotionDecision, RegistryConfig
+
+
+def register(app: typer.Typer) -> None:
+    app.command("register")(register_command)
+
+
+def load_registry_config(overrides: dict[str, object]) -> RegistryConfig:
+    from diffusion_core.adapters.mlflow_registry import RegistryConfig
+    from flows.cli import GlobalOptions
+    from flows.config import load_config
+
+    return load_config(RegistryConfig, "registry", GlobalOptions.config, overrides=overrides)
+
+
+def print_version(version: ModelVersionInfo) -> None:
+    table = Table(title=f"{version.name} version {version.version}", show_header=False)
+    table.add_row("aliases", ", ".join(version.aliases) or "-")
+    table.add_row("run_id", version.run_id or "-")
+    for key in sorted(version.tags):
+        table.add_row(key, version.tags[key][:80])
+    Console().print(table)
+
+
+def print_decision(decision: PromotionDecision) -> None:
+    colour = "green" if decision.promoted or decision.action == "rolled_back" else "yellow"
+    Console().print(f"[{colour}]{decision.action}[/]: champion of {decision.name} is version "
+                    f"{decision.champion_version or '-'} ({decision.reason})")
+
+
+def register_command(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint directory (spec.json + safetensors)."),
+    dataset: str | None = typer.Option(None, help="Prepared dataset: evaluate first and run the gate."),
+    model_name: str | None = typer.Option(None, help="Registered model name (registry.model_name)."),
+    tracking_uri: str | None = typer.Option(None, help="MLflow tracking URI (or MLFLOW_TRACKING_URI)."),
+    run_id: str | None = typer.Option(None, help="Training run to log the model into."),
+    gate: bool = typer.Option(True, "--gate/--no-gate", help="Try to promote after registering."),
+    force: bool = typer.Option(False, "--force", help="Promote even if the gate would reject it."),
+    num_samples: int | None = typer.Option(None, help="Evaluation images (evaluate.num_samples)."),
+    steps: int | None = typer.Option(None, help="Evaluation sampler steps (evaluate.steps)."),
+    sampler: str | None = typer.Option(None, help="Evaluation sampler (evaluate.sampler)."),
+    seed: int | None = typer.Option(None, help="Evaluation seed (evaluate.seed)."),
+) -> None:
+    """Register CHECKPOINT as a new version (alias candidate); with --dataset also evaluate and gate."""
+    registry = load_registry_config({"model_name": model_name, "tracking_uri": tracking_uri})
+    if dataset is None:
+        from diffusion_core.adapters.mlflow_registry import log_and_register
+
+        print_version(log_and_register(checkpoint, model_name=registry.model_name,
+                                       tracking_uri=registry.tracking_uri, run_id=run_id,
+                                       experiment_name=registry.experiment_name, device=registry.device,
+                                       lock_dir=registry.lock_dir))
+        return
+    from flows.evaluate import evaluate_and_register
+
+    config = load_eval_config(eval_overrides(num_samples, steps, sampler, seed, None))
+    outcome = evaluate_and_register(checkpoint, dataset, config, registry, training_run_id=run_id,
+                                    run_gate=gate, force=force)
+    print_version(outcome.version)
+    if outcome.decision is not None:
+        print_decision(outcome.decision)

@@ -1,0 +1,143 @@
+"""Prefect flow `evaluate_and_register`: checkpoint -> evaluation -> registered version -> gate.
+
+    load the dataset's splits  ->  feature classifier (trained once per fingerprint, cached)
+    ->  evaluate the checkpoint  ->  log + register it (alias `candidate`, eval numbers as tags,
+    classifier as an artifact)  ->  promotion gate against `champion` (the champion is
+    re-evaluated with the same data, sample count and seed unless its recorded number matches)
+
+The lead's pipeline calls `evaluate_and_register(checkpoint_dir, dataset_uri, eval_config,
+registry_config)` and gets back the version and the gate's decision.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, ConfigDict
+
+from diffusion_core.adapters.mlflow_registry import (
+    EVAL_KEY_TAG,
+    ModelVersionInfo,
+    PromotionDecision,
+    RegistryConfig,
+    download_checkpoint,
+    log_and_register,
+    log_directory,
+    promote_if_better,
+)
+from diffusion_core.checkpoint import load_checkpoint
+from diffusion_core.metrics import (
+    EvalConfig,
+    EvalResult,
+    ReferenceData,
+    evaluate_model,
+    feature_extractor_for,
+    reference_from_dataset,
+)
+from diffusion_core.metrics_features import FeatureExtractor
+
+logger = logging.getLogger(__name__)
+
+
+class EvaluateOutcome(BaseModel):
+    """What the pipeline gets back: the evaluation, the registered version and the gate decision."""
+
+    model_config = ConfigDict(frozen=True)
+
+    evaluation: EvalResult
+    version: ModelVersionInfo
+    decision: PromotionDecision | None
+
+
+def eval_tags(result: EvalResult, config: EvalConfig) -> dict[str, str]:
+    """Version tags that make an FD reproducible and comparable (the gate reads `eval_key`)."""
+    return {
+        EVAL_KEY_TAG: result.eval_key, "eval_num_samples": str(config.num_samples),
+        "eval_sampler": config.sampler, "eval_steps": str(config.steps), "eval_seed": str(config.seed),
+        "eval_guidance_scale": repr(config.guidance_scale), "eval_feature_kind": result.feature_kind,
+        "eval_class_histogram": json.dumps([round(p, 4) for p in result.class_histogram]),
+    }
+
+
+# Tensors and modules flow between these tasks in memory: NO_CACHE keeps Prefect from hashing them.
+@task(name="load-reference-data", cache_policy=NO_CACHE)
+def load_reference(dataset_uri: str) -> ReferenceData:
+    return reference_from_dataset(dataset_uri)
+
+
+@task(name="feature-classifier", cache_policy=NO_CACHE)
+def feature_extractor_task(reference: ReferenceData, config: EvalConfig) -> FeatureExtractor:
+    return feature_extractor_for(reference, config)
+
+
+@task(name="evaluate-checkpoint", cache_policy=NO_CACHE)
+def evaluate_checkpoint(checkpoint_dir: Path, reference: ReferenceData, extractor: FeatureExtractor,
+                        config: EvalConfig) -> EvalResult:
+    loaded = load_checkpoint(checkpoint_dir, use_ema=config.use_ema, device=config.device)
+    return evaluate_model(loaded, reference, config, extractor)
+
+
+@task(name="register-version", cache_policy=NO_CACHE)
+def register_version(checkpoint_dir: Path, evaluation: EvalResult, eval_config: EvalConfig,
+                     registry: RegistryConfig, extractor: FeatureExtractor,
+                     training_run_id: str | None) -> ModelVersionInfo:
+    version = log_and_register(
+        checkpoint_dir, model_name=registry.model_name, tracking_uri=registry.tracking_uri,
+        run_id=training_run_id, tags=eval_tags(evaluation, eval_config), metrics=evaluation.as_metrics(),
+        experiment_name=registry.experiment_name, device=registry.device, lock_dir=registry.lock_dir)
+    if extractor.directory is not None and version.run_id:
+        log_directory(version.run_id, extractor.directory, "feature_classifier", registry.tracking_uri)
+    return version
+
+
+def champion_reevaluator(reference: ReferenceData, extractor: FeatureExtractor, config: EvalConfig,
+                         registry: RegistryConfig):
+    """reevaluate(model_uri) -> fd: download a registered version and evaluate it like the candidate."""
+    def reevaluate(model_uri: str) -> float:
+        directory = download_checkpoint(model_uri, tracking_uri=registry.tracking_uri)
+        try:
+            return evaluate_checkpoint.fn(directory, reference, extractor, config).fd
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+    return reevaluate
+
+
+@task(name="promotion-gate", cache_policy=NO_CACHE)
+def gate(version: ModelVersionInfo, evaluation: EvalResult, reference: ReferenceData,
+         extractor: FeatureExtractor, config: EvalConfig, registry: RegistryConfig,
+         force: bool) -> PromotionDecision:
+    return promote_if_better(
+        version.name, version.version, margin=registry.gate_margin, candidate_fd=evaluation.fd,
+        eval_key=evaluation.eval_key, force=force, tracking_uri=registry.tracking_uri,
+        lock_dir=registry.lock_dir,
+        reevaluate_champion=champion_reevaluator(reference, extractor, config, registry))
+
+
+@flow(name="evaluate-and-register")
+def evaluate_and_register(
+    checkpoint_dir: Path,
+    dataset_uri: str,
+    eval_config: EvalConfig | None = None,
+    registry_config: RegistryConfig | None = None,
+    training_run_id: str | None = None,
+    run_gate: bool = True,
+    force: bool = False,
+) -> EvaluateOutcome:
+    """Evaluate `checkpoint_dir` on `dataset_uri`, register it, and (run_gate) try to promote it."""
+    eval_config = eval_config or EvalConfig()
+    registry_config = registry_config or RegistryConfig()
+    reference = load_reference(dataset_uri)
+    extractor = feature_extractor_task(reference, eval_config)
+    evaluation = evaluate_checkpoint(Path(checkpoint_dir), reference, extractor, eval_config)
+    version = register_version(Path(checkpoint_dir), evaluation, eval_config, registry_config, extractor,
+                               training_run_id)
+    decision = None
+    if run_gate:
+        decision = gate(version, evaluation, reference, extractor, eval_config, registry_config, force)
+        logger.info("version %s: %s (%s)", version.version, decision.action, decision.reason)
+    return EvaluateOutcome(evaluation=evaluation, version=version, decision=decision)
