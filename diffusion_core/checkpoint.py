@@ -1,0 +1,345 @@
+"""Model checkpoints: a directory of safetensors weights and a JSON spec; never pickle.
+
+    <checkpoint>/
+      model.safetensors   raw weights (the UNet's state_dict)
+      ema.safetensors     EMA weights (optional; metadata: num_updates, decay, warmup)
+      spec.json           ModelSpec: everything needed to rebuild the UNet, its noise schedule,
+                          its training objective and the data space it generates in
+
+`save_checkpoint` writes a sibling temp directory and renames it into place, so that readers see
+either the previous complete checkpoint or the new complete one, never a mix.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, Self
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from diffusion_core.ema import EMA, unwrap_model
+from diffusion_core.errors import CheckpointError, ConfigError, describe_validation_error
+from diffusion_core.objective import ObjectiveConfig
+from diffusion_core.samplers import sample
+from diffusion_core.schedule import NoiseSchedule, ScheduleConfig
+from diffusion_core.unet import UNet, UNetConfig
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MODEL_FILE = "model.safetensors"
+EMA_FILE = "ema.safetensors"
+SPEC_FILE = "spec.json"
+
+
+class DataSpec(BaseModel):
+    """The data space a model generates in: pixels scaled linearly to `value_range`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    image_size: int = Field(ge=1)
+    channels: int = Field(ge=1)
+    label_names: list[str] | None = None
+    dataset_fingerprint: str | None = None
+    value_range: tuple[float, float] = (-1.0, 1.0)
+
+    @model_validator(mode="after")
+    def _check_range(self) -> Self:
+        if not self.value_range[0] < self.value_range[1]:
+            raise ValueError(f"value_range: low must be below high, got {self.value_range}")
+        return self
+
+
+class ModelSpec(BaseModel):
+    """Everything needed to rebuild and sample a trained model (spec.json)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    format_version: Literal[1] = FORMAT_VERSION
+    unet: UNetConfig
+    schedule: ScheduleConfig
+    objective: ObjectiveConfig
+    data: DataSpec
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> Self:
+        unet, data = self.unet, self.data
+        if (unet.image_size, unet.in_channels) != (data.image_size, data.channels):
+            raise ValueError(
+                f"data: image_size/channels ({data.image_size}, {data.channels}) do not match "
+                f"unet.image_size/in_channels ({unet.image_size}, {unet.in_channels})"
+            )
+        # An unconditional model may be trained on labelled data; a conditional one needs a name per class.
+        names = data.label_names
+        if unet.num_classes is not None and names is not None and len(names) != unet.num_classes:
+            raise ValueError(
+                f"data.label_names: {len(names)} names for unet.num_classes={unet.num_classes}"
+            )
+        return self
+
+
+def spec_to_json(spec: ModelSpec) -> str:
+    """spec.json text (indented, stable key order)."""
+    return spec.model_dump_json(indent=2) + "\n"
+
+
+def spec_from_json(text: str | bytes) -> ModelSpec:
+    """Parse and validate spec.json text; any problem -> CheckpointError naming the field."""
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{SPEC_FILE}: not valid JSON ({err})") from err
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{SPEC_FILE}: expected a JSON object, got {type(raw).__name__}")
+    version = raw.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{SPEC_FILE}: format_version {version!r} is not supported; accepted: {FORMAT_VERSION}",
+            hint="re-save the checkpoint with this version of diffusion_core",
+        )
+    try:
+        return ModelSpec.model_validate(raw)
+    except ValidationError as err:
+        raise CheckpointError(f"{SPEC_FILE}: {describe_validation_error(err)}") from err
+
+
+# ---------------------------------------------------------------------------------------------- save
+
+
+def save_checkpoint(directory: str | Path, model: nn.Module, spec: ModelSpec, ema: EMA | None = None) -> Path:
+    """Write model (+ EMA) weights and spec.json to `directory`, atomically replacing any previous
+    checkpoint there. Accepts DDP / torch.compile wrapped models. Returns the directory path."""
+    directory = Path(directory)
+    net = unwrap_model(model)
+    _check_model_matches_spec(net, spec)
+    _refuse_to_overwrite_non_checkpoint(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        _write_contents(tmp, net, spec, ema)
+        _replace_directory(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("saved checkpoint %s (ema=%s)", directory, ema is not None)
+    return directory
+
+
+def _check_model_matches_spec(net: nn.Module, spec: ModelSpec) -> None:
+    config = getattr(net, "config", None)
+    if config != spec.unet:
+        raise CheckpointError(f"spec.unet: does not match the model's config ({config!r} vs {spec.unet!r})")
+
+
+def _refuse_to_overwrite_non_checkpoint(directory: Path) -> None:
+    if not directory.exists():
+        return
+    if not directory.is_dir() or not ((directory / SPEC_FILE).is_file() or not any(directory.iterdir())):
+        raise CheckpointError(
+            f"directory: {directory} exists and is not a checkpoint; refusing to replace it",
+            hint="choose a new or empty path",
+        )
+
+
+def _write_contents(tmp: Path, net: nn.Module, spec: ModelSpec, ema: EMA | None) -> None:
+    save_file(_cpu_contiguous(net.state_dict()), tmp / MODEL_FILE, metadata={"format": "pt"})
+    if ema is not None:
+        metadata = {"format": "pt", "num_updates": str(ema.num_updates), "decay": repr(ema.decay),
+                    "warmup": str(ema.warmup)}
+        save_file(_cpu_contiguous(ema.shadow), tmp / EMA_FILE, metadata=metadata)
+    (tmp / SPEC_FILE).write_text(spec_to_json(spec))
+    for path in tmp.iterdir():
+        _fsync(path)
+    _fsync(tmp)
+
+
+def _cpu_contiguous(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or directory to disk so that the rename below publishes complete data."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_directory(tmp: Path, directory: Path) -> None:
+    """Move `tmp` to `directory`. A directory cannot be renamed over a non-empty one, so an existing
+    checkpoint is first renamed aside and deleted only once the new one is in place (and restored if
+    the second rename fails)."""
+    if not directory.exists():
+        os.rename(tmp, directory)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
+    old.rmdir()
+    os.rename(directory, old)
+    try:
+        os.rename(tmp, directory)
+    except BaseException:
+        os.rename(old, directory)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    _fsync(directory.parent)
+
+
+# ---------------------------------------------------------------------------------------------- load
+
+
+class LoadedModel:
+    """A checkpoint ready to sample: `model` (UNet, eval mode, no grads), its `spec` and `schedule`.
+
+    `weights` says which weights were loaded: "ema" or "raw".
+    """
+
+    def __init__(self, model: UNet, spec: ModelSpec, weights: Literal["ema", "raw"]) -> None:
+        self.model = model
+        self.spec = spec
+        self.weights = weights
+        self.schedule = NoiseSchedule.from_config(spec.schedule)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def model_fn(self, x_t: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
+        """The network's prediction (of spec.objective.prediction: eps, v or x0) for samplers.sample:
+        x_t (N,C,H,W), t (N,) int64 in [0, T), labels (N,) int64 | None -> (N,C,H,W)."""
+        return self.model(x_t, t, labels)
+
+    def generate(
+        self,
+        num_images: int,
+        steps: int = 20,
+        sampler: str = "dpmpp_2m",
+        seeds: Sequence[int] | None = None,
+        labels: Sequence[int] | Tensor | None = None,
+        guidance_scale: float = 1.0,
+        eta: float = 0.0,
+    ) -> Tensor:
+        """Sample `num_images` pictures: float32 (N, C, H, W) in [0, 1] on the CPU.
+
+        Image i depends only on seeds[i], labels[i] and the settings (see samplers.sample). The
+        model's value range (spec.data.value_range, normally [-1, 1]) is mapped linearly to [0, 1]
+        and clamped, since samplers can overshoot the data range slightly.
+        """
+        if num_images < 1:
+            raise ConfigError(f"num_images: must be >= 1, got {num_images}")
+        label_tensor = self._label_tensor(labels, num_images)
+        cfg = self.spec.unet
+        x = sample(
+            self.model_fn,
+            (num_images, cfg.in_channels, cfg.image_size, cfg.image_size),
+            self.schedule,
+            sampler=sampler,
+            steps=steps,
+            seeds=seeds,
+            labels=label_tensor,
+            guidance_scale=guidance_scale,
+            eta=eta,
+            prediction=self.spec.objective.prediction,
+            device=self.device,
+        )
+        low, high = self.spec.data.value_range
+        return ((x.float().cpu() - low) / (high - low)).clamp_(0.0, 1.0)
+
+    def _label_tensor(self, labels: Sequence[int] | Tensor | None, n: int) -> Tensor | None:
+        if labels is None:
+            return None
+        tensor = torch.as_tensor(labels, dtype=torch.long, device=self.device)
+        if tensor.shape != (n,):
+            raise ConfigError(f"labels: expected {n} labels (one per image), got shape {tuple(tensor.shape)}")
+        return tensor
+
+
+def load_checkpoint(
+    directory: str | Path, *, use_ema: bool = True, device: str | torch.device = "cpu"
+) -> LoadedModel:
+    """Rebuild the model of a checkpoint directory from spec.json and safetensors (no pickle).
+
+    use_ema: load ema.safetensors when present (a checkpoint without it falls back to the raw
+    weights, with a warning and `LoadedModel.weights == "raw"`).
+    Raises CheckpointError for a missing directory or file, an unreadable or unsupported spec, or
+    weights whose keys or shapes do not match the spec's UNet.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"directory: {directory} is not a checkpoint directory (does not exist)")
+    spec = _read_spec(directory)
+    weights_file, weights = _choose_weights(directory, use_ema)
+    model = UNet(spec.unet)
+    state = _read_weights(weights_file)
+    _check_state_matches(model, state, weights_file.name)
+    model.load_state_dict(state, strict=True)
+    model = model.to(device).eval().requires_grad_(False)
+    logger.info("loaded checkpoint %s (%s weights) on %s", directory, weights, device)
+    return LoadedModel(model, spec, weights)
+
+
+def _read_spec(directory: Path) -> ModelSpec:
+    path = directory / SPEC_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{SPEC_FILE}: missing from {directory}")
+    return spec_from_json(path.read_bytes())
+
+
+def _choose_weights(directory: Path, use_ema: bool) -> tuple[Path, Literal["ema", "raw"]]:
+    if use_ema and (directory / EMA_FILE).is_file():
+        return directory / EMA_FILE, "ema"
+    if use_ema:
+        logger.warning("checkpoint %s has no %s; loading the raw weights", directory, EMA_FILE)
+    path = directory / MODEL_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{MODEL_FILE}: missing from {directory}")
+    return path, "raw"
+
+
+def _read_weights(path: Path) -> dict[str, Tensor]:
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path.name}: unreadable safetensors file ({err})") from err
+
+
+def _check_state_matches(model: nn.Module, state: Mapping[str, Tensor], source: str) -> None:
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source}: keys do not match spec.unet: missing {missing[:5]} ({len(missing)}), "
+            f"unexpected {unexpected[:5]} ({len(unexpected)})"
+        )
+    for key, value in state.items():
+        if value.shape != expected[key].shape:
+            raise CheckpointError(
+                f"{source}: tensor {key!r} has shape {tuple(value.shape)} but spec.unet implies "
+                f"{tuple(expected[key].shape)}"
+            )
+
+
+def read_ema_state(directory: str | Path) -> dict[str, Any]:
+    """The EMA state of a checkpoint in `EMA.load_state_dict` form, e.g. to resume training."""
+    path = Path(directory) / EMA_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{EMA_FILE}: missing from {directory}")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            shadow = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+        return {"shadow": shadow, "num_updates": int(meta["num_updates"]), "decay": float(meta["decay"]),
+                "warmup": meta.get("warmup", "True") == "True"}
+    except (SafetensorError, OSError, KeyError, ValueError) as err:
+        raise CheckpointError(f"{EMA_FILE}: unreadable ({err})") from err
