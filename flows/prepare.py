@@ -10,9 +10,8 @@ removed or replaced is recomputed.
 from __future__ import annotations
 
 import base64
-import logging
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import INPUTS
 from prefect.client.schemas.objects import TaskRun
@@ -26,7 +25,6 @@ from diffusion_core.data.sources import open_source
 from diffusion_core.errors import DiffusionPipelineError
 from diffusion_core.images import encode_png, make_grid
 
-logger = logging.getLogger(__name__)
 EXAMPLE_COUNT = 64
 
 
@@ -89,7 +87,7 @@ def prepare_dataset(config: PrepareConfig) -> PrepareResult:
     result = state.result()
     cache_hit = state.name == "Cached"
     if cache_hit and not _still_published(result):
-        logger.info("cached dataset at %s is gone or replaced; preparing it again", result.uri)
+        get_run_logger().info("cached dataset at %s is gone or replaced; preparing it again", result.uri)
         result = write_dataset.with_options(refresh_cache=True)(config, source_fingerprint)
         cache_hit = False
     publish_artifacts(result, cache_hit)

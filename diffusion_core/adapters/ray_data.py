@@ -39,5 +39,5 @@ def decode_batch(batch: dict[str, np.ndarray],
                  manifest: DatasetManifest) -> tuple[torch.Tensor, torch.Tensor]:
     """A numpy batch from Ray Data -> (images float32 (B, C, H, W) in [-1, 1], labels int64 (B,))."""
     images = decode_images(list(batch["image"]), manifest)
-    labels = np.asarray(batch["label"], dtype=np.int64)
+    labels = np.array(batch["label"], dtype=np.int64)  # a writable copy for torch
     return torch.from_numpy(images), torch.from_numpy(labels)

@@ -132,8 +132,8 @@ def _build_and_publish(source: ImageSource, source_info: SourceInfo, params: Pre
 
 
 def _staging_dir(root: str) -> str:
-    parent, _, name = root.rstrip("/").rpartition("/")
-    return f"{parent}/.{name}.staging-{uuid.uuid4().hex[:12]}"
+    parent, slash, name = root.rstrip("/").rpartition("/")
+    return f"{parent}{slash}.{name}.staging-{uuid.uuid4().hex[:12]}"
 
 
 def _write_staging(source: ImageSource, source_info: SourceInfo, params: PrepareParameters,

@@ -1,0 +1,96 @@
+"""The Prefect flow (cache, artifacts) and the `diffusion-pipeline prepare` command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from diffusion_core.data.config import PrepareConfig
+from diffusion_core.data.manifest import MANIFEST_NAME, read_manifest
+
+
+def summary_rows(key: str = "dataset-summary") -> list[dict[str, str]]:
+    """The latest summary table artifact's rows (stored as JSON text)."""
+    import json
+
+    from prefect.artifacts import Artifact
+
+    return json.loads(Artifact.get(key).data)
+
+
+@pytest.mark.slow
+def test_flow_caches_second_run_and_publishes_artifacts(prefect_harness, tmp_path: Path) -> None:
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    from flows.prepare import prepare_dataset
+
+    config = PrepareConfig(output=str(tmp_path / "ds"))
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "prefect-results"}):
+        first = prepare_dataset(config)
+        stamp = (tmp_path / "ds" / MANIFEST_NAME).stat().st_mtime_ns
+        first_summary = summary_rows()
+        second = prepare_dataset(config)
+        second_summary = summary_rows()
+    assert second.manifest == first.manifest == read_manifest(str(tmp_path / "ds"))
+    assert {"item": "prefect cache", "value": "miss"} in first_summary
+    assert {"item": "prefect cache", "value": "hit"} in second_summary
+    assert {"item": "fingerprint", "value": first.manifest.fingerprint} in second_summary
+    assert (tmp_path / "ds" / MANIFEST_NAME).stat().st_mtime_ns == stamp
+    from prefect.artifacts import Artifact
+
+    assert "data:image/png;base64," in Artifact.get("dataset-examples").data
+
+
+@pytest.mark.slow
+def test_flow_rebuilds_when_the_cached_dataset_is_gone(prefect_harness, tmp_path: Path) -> None:
+    import shutil
+
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    from flows.prepare import prepare_dataset
+
+    config = PrepareConfig(output=str(tmp_path / "ds"), val_fraction=0.2)
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "prefect-results"}):
+        first = prepare_dataset(config)
+        shutil.rmtree(tmp_path / "ds")
+        second = prepare_dataset(config)
+    # a trusted stale cache hit would return the old result with no dataset on disk
+    assert read_manifest(str(tmp_path / "ds")).fingerprint == second.manifest.fingerprint
+    assert second.manifest == first.manifest
+    assert {"item": "prefect cache", "value": "miss"} in summary_rows()  # the stale hit was not trusted
+
+
+def test_cli_prepares_and_prints_the_summary(tmp_path: Path) -> None:
+    from flows.cli import app
+
+    out = tmp_path / "ds"
+    result = CliRunner().invoke(app, ["prepare", "digits", str(out), "--val-fraction", "0.2"])
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(str(out))
+    assert manifest.parameters.val_fraction == 0.2
+    assert manifest.fingerprint[:20] in result.output
+    assert f"{manifest.counts['train']}" in result.output
+
+
+def test_cli_reads_the_config_file_and_flags_override_it(tmp_path: Path) -> None:
+    from flows.cli import app
+
+    (tmp_path / "pipeline.yaml").write_text("prepare:\n  size: 4\n  val_fraction: 0.3\n")
+    out = tmp_path / "ds"
+    args = ["--config", str(tmp_path / "pipeline.yaml"), "prepare", "digits", str(out), "--size", "6"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert read_manifest(str(out)).parameters.model_dump(include={"size", "val_fraction"}) == {
+        "size": 6, "val_fraction": 0.3}
+
+
+def test_cli_bad_parameter_names_the_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from flows.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prepare", "digits", str(tmp_path / "ds"), "--channels", "2"])
+    assert exit_info.value.code == 2
+    assert "prepare.channels" in capsys.readouterr().err
+    assert not (tmp_path / "ds").exists()
