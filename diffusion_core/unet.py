@@ -38,15 +38,19 @@ class UNetConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    image_size: int = Field(32, ge=8, le=64)
-    in_channels: int = Field(3)
-    base_channels: int = Field(64, ge=8, le=512, multiple_of=8)
-    channel_mult: tuple[int, ...] = Field((1, 2, 2), min_length=1, max_length=4)
-    num_res_blocks: int = Field(2, ge=1, le=4)
-    attention_resolutions: tuple[int, ...] = (8,)
-    num_heads: int = Field(4, ge=1)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    num_classes: int | None = Field(None, ge=1)
+    image_size: int = Field(32, ge=8, le=64, description="side of the square input in pixels")
+    in_channels: int = Field(3, description="1 (grey) or 3 (RGB)")
+    base_channels: int = Field(64, ge=8, le=512, multiple_of=8, description="channels at level 0")
+    channel_mult: tuple[int, ...] = Field(
+        (1, 2, 2), min_length=1, max_length=4, description="channel multiplier per level; one level per entry"
+    )
+    num_res_blocks: int = Field(2, ge=1, le=4, description="residual blocks per level (down path)")
+    attention_resolutions: tuple[int, ...] = Field(
+        (8,), description="feature-map sides at which self-attention follows each residual block"
+    )
+    num_heads: int = Field(4, ge=1, description="attention heads; must divide the attention channels")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout inside residual blocks")
+    num_classes: int | None = Field(None, ge=1, description="number of classes; None = unconditional")
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Self:
