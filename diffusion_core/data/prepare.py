@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -196,30 +197,31 @@ def _final_shard_names(staged: dict[str, list[ShardFile]], fingerprint: str) -> 
 
 
 class _ChannelStats:
-    """Per-channel mean and variance merged chunk by chunk (Chan, Golub & LeVeque 1979):
+    """Exact per-channel mean and std of uint8 pixels, streamed as 256-bin histograms h_c.
 
-    n = n_a + n_b,  d = mean_b - mean_a,  mean = mean_a + d n_b / n,  M2 = M2_a + M2_b + d^2 n_a n_b / n,
-    std = sqrt(M2 / n) (population), over pixels scaled to [0, 1].
+    With n = sum_v h_c(v), S1 = sum_v h_c(v) v and S2 = sum_v h_c(v) v^2 (exact integers):
+    mean_c = S1 / n,  std_c = sqrt(n S2 - S1^2) / n  (population), reported for x = v / 255.
+    Integers make the result independent of chunking and free of cancellation error.
     """
 
     def __init__(self, channels: int) -> None:
-        self.n = 0
-        self.mean = np.zeros(channels)
-        self.m2 = np.zeros(channels)
+        self.histograms = np.zeros((channels, 256), dtype=np.int64)
 
     def add(self, images: np.ndarray) -> None:
-        x = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
-        n_b, mean_b = x.shape[0], x.mean(axis=0)
-        m2_b = ((x - mean_b) ** 2).sum(axis=0)
-        n = self.n + n_b
-        delta = mean_b - self.mean
-        self.mean = self.mean + delta * (n_b / n)
-        self.m2 = self.m2 + m2_b + delta**2 * (self.n * n_b / n)
-        self.n = n
+        flat = images.reshape(-1, images.shape[-1])
+        for c in range(flat.shape[1]):
+            self.histograms[c] += np.bincount(flat[:, c], minlength=256)
 
     def result(self) -> tuple[list[float], list[float]]:
-        std = np.sqrt(self.m2 / self.n) if self.n else self.m2
-        return [round(float(v), 8) for v in self.mean], [round(float(v), 8) for v in std]
+        values = range(256)
+        means, stds = [], []
+        for hist in self.histograms.tolist():
+            n = sum(hist)
+            s1 = sum(h * v for h, v in zip(hist, values, strict=True))
+            s2 = sum(h * v * v for h, v in zip(hist, values, strict=True))
+            means.append(round(s1 / n / 255.0, 8) if n else 0.0)
+            stds.append(round(math.sqrt(n * s2 - s1 * s1) / n / 255.0, 8) if n else 0.0)
+        return means, stds
 
 
 @dataclass
