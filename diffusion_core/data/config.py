@@ -8,9 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-from diffusion_core.errors import ConfigError, config_error_from
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # Where a transparent pixel ends up: the colour it is composited onto.
 AlphaBackground = Literal["white", "black"]
@@ -63,14 +61,3 @@ class PrepareConfig(PrepareParameters):
 
     def parameters(self) -> PrepareParameters:
         return PrepareParameters(**self.model_dump(exclude={"source", "output"}))
-
-
-def validate_prepare_config(data: dict) -> PrepareConfig:
-    """A PrepareConfig from plain data; a bad field raises ConfigError naming it."""
-    try:
-        return PrepareConfig.model_validate(data)
-    except ValidationError as err:
-        raise config_error_from(err, prefix="prepare") from None
-
-
-__all__ = ["AlphaBackground", "ConfigError", "PrepareConfig", "PrepareParameters", "validate_prepare_config"]

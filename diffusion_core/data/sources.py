@@ -17,6 +17,7 @@ import logging
 import os
 import zipfile
 from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -255,13 +256,10 @@ class NumpySource:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.location = str(path.resolve())
-        with self._open() as (images, labels):
+        with _open_npy_members(self.path) as (images, labels):
             self._check_shapes(images, labels)
             self.has_labels = labels is not None
             self._count = images.shape[0]
-
-    def _open(self):
-        return _open_npy_members(self.path)
 
     def _check_shapes(self, images: _NpyStream, labels: _NpyStream | None) -> None:
         if len(images.shape) not in (3, 4):
@@ -281,7 +279,7 @@ class NumpySource:
         return self._count
 
     def iter_samples(self, params: PrepareParameters) -> Iterator[Sample | Skipped]:
-        with self._open() as (images, labels):
+        with _open_npy_members(self.path) as (images, labels):
             labelled = labels is not None
             label_chunks = labels.chunks(_CHUNK_ROWS) if labelled else None
             index = 0
@@ -300,39 +298,31 @@ def _labelled_sample(name: str, pixels: np.ndarray, label: int, labelled: bool,
     return _conform_or_skip(name, pixels, label, params)
 
 
-class _open_npy_members:  # noqa: N801 - used as a context manager, reads like a function
-    """Context manager yielding (images, labels or None) streams for a .npy or .npz file."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._closers: list = []
-
-    def __enter__(self) -> tuple[_NpyStream, _NpyStream | None]:
+@contextmanager
+def _open_npy_members(path: Path) -> Iterator[tuple[_NpyStream, _NpyStream | None]]:
+    """(images, labels or None) streams of a .npy or .npz file, closed on exit."""
+    with ExitStack() as stack:
         try:
-            if self.path.suffix.lower() == ".npy":
-                return self._stream(self.path.open("rb"), "images"), None
-            archive = zipfile.ZipFile(self.path)
-            self._closers.append(archive)
-            names = set(archive.namelist())
-            if "images.npy" not in names:
-                raise DatasetError(f"source {str(self.path)!r}: .npz has no 'images' array; "
-                                   f"found {sorted(n.removesuffix('.npy') for n in names)}")
-            labels = self._stream(archive.open("labels.npy"), "labels") if "labels.npy" in names else None
-            return self._stream(archive.open("images.npy"), "images"), labels
+            streams = _npy_streams(path, stack)
+        except DatasetError:
+            raise
         except (OSError, ValueError, zipfile.BadZipFile) as err:
-            self.__exit__(None, None, None)
-            if isinstance(err, DatasetError):
-                raise
-            raise DatasetError(f"source {str(self.path)!r} is not a readable NumPy file: {err}") from err
+            raise DatasetError(f"source {str(path)!r} is not a readable NumPy file: {err}") from err
+        yield streams
 
-    def _stream(self, fp: BinaryIO, member: str) -> _NpyStream:
-        self._closers.append(fp)
-        return _NpyStream(fp, f"{self.path.name}:{member}")
 
-    def __exit__(self, *exc: object) -> None:
-        for closer in reversed(self._closers):
-            closer.close()
-        self._closers.clear()
+def _npy_streams(path: Path, stack: ExitStack) -> tuple[_NpyStream, _NpyStream | None]:
+    if path.suffix.lower() == ".npy":
+        return _NpyStream(stack.enter_context(path.open("rb")), f"{path.name}:images"), None
+    archive = stack.enter_context(zipfile.ZipFile(path))
+    names = {n.removesuffix(".npy") for n in archive.namelist()}
+    if "images" not in names:
+        raise DatasetError(f"source {str(path)!r}: .npz has no 'images' array; found {sorted(names)}")
+
+    def member(name: str) -> _NpyStream:
+        return _NpyStream(stack.enter_context(archive.open(f"{name}.npy")), f"{path.name}:{name}")
+
+    return member("images"), member("labels") if "labels" in names else None
 
 
 # ---- Parquet ------------------------------------------------------------------------------------
