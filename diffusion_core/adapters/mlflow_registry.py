@@ -243,15 +243,15 @@ def model_signature(spec: ModelSpec) -> ModelSignature:
                           params=params)
 
 
-def _log_pyfunc(checkpoint_dir: Path, spec: ModelSpec, device: str) -> str:
-    """Log the checkpoint as a pyfunc in the active run; returns the logged model's URI."""
+def _log_pyfunc(checkpoint_dir: Path, spec: ModelSpec, device: str) -> tuple[str, str]:
+    """Log the checkpoint as a pyfunc in the active run; returns the logged model's URI and id."""
     example = (generation_frame(2, seed=0), {"steps": 2})  # also validated by MLflow: keep it cheap
     info = mlflow.pyfunc.log_model(
         name="model", python_model=str(PYFUNC_CODE), artifacts={ARTIFACT_NAME: str(checkpoint_dir)},
         signature=model_signature(spec), input_example=example, pip_requirements=pip_requirements(),
         model_config={"device": device},
     )
-    return info.model_uri
+    return info.model_uri, info.model_id
 
 
 @contextlib.contextmanager
@@ -312,14 +312,15 @@ def log_and_register(
     spec = _read_spec(checkpoint_dir)
     client = _client(tracking_uri)
     with _fluent_uri(tracking_uri), _run(client, run_id, experiment_name) as active_run_id:
-        model_uri = _log_pyfunc(checkpoint_dir, spec, device)
+        model_uri, model_id = _log_pyfunc(checkpoint_dir, spec, device)
         if metrics:
             mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
     version_tags = _version_tags(spec, run_id or active_run_id, tags, metrics)
     with registry_lock(_resolved_uri(tracking_uri), lock_dir):
         with_retries(lambda: _ensure_registered_model(client, model_name), "create_registered_model")
-        mv = with_retries(lambda: client.create_model_version(model_name, model_uri, run_id=active_run_id,
-                                                              tags=version_tags), "create_model_version")
+        mv = with_retries(lambda: client.create_model_version(
+            model_name, model_uri, run_id=active_run_id, tags=version_tags, model_id=model_id),
+            "create_model_version")
         with_retries(lambda: client.set_registered_model_alias(model_name, CANDIDATE, mv.version), "alias")
     logger.info("registered %s version %s (candidate) from %s", model_name, mv.version, checkpoint_dir)
     return _info(client.get_model_version(model_name, mv.version))

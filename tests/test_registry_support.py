@@ -1,0 +1,49 @@
+"""Helpers shared by the registry and evaluation tests: tiny digit checkpoints and a digits dataset.
+
+Kept in a test_* module of this area so that `tests/conftest.py` stays untouched; it holds no tests.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from sklearn.datasets import load_digits
+
+from diffusion_core.checkpoint import DataSpec, ModelSpec, save_checkpoint
+from diffusion_core.objective import ObjectiveConfig, training_loss
+from diffusion_core.schedule import NoiseSchedule, ScheduleConfig
+from diffusion_core.unet import UNet, UNetConfig
+
+TINY_UNET = UNetConfig(image_size=8, in_channels=1, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                       attention_resolutions=(), num_heads=1, num_classes=10)
+TINY_SCHEDULE = ScheduleConfig(name="cosine", num_timesteps=200)
+
+
+def digits_in_model_space() -> tuple[torch.Tensor, torch.Tensor]:
+    """All 1,797 digits as (N, 1, 8, 8) float32 in [-1, 1] and int64 labels."""
+    data = load_digits()
+    images = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16 * 2 - 1
+    return images, torch.tensor(data.target, dtype=torch.int64)
+
+
+def make_checkpoint(directory: Path, train_steps: int, seed: int = 0, fingerprint: str = "digits-test",
+                    lr: float = 3e-3) -> Path:
+    """A tiny class-conditional digits model, trained for `train_steps` Adam steps (0 = random init)."""
+    torch.manual_seed(seed)
+    model = UNet(TINY_UNET)
+    schedule, objective = NoiseSchedule.from_config(TINY_SCHEDULE), ObjectiveConfig()
+    images, labels = digits_in_model_space()
+    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(train_steps):
+        batch = torch.randint(0, len(images), (128,), generator=generator)
+        loss = training_loss(model, images[batch], schedule, objective, labels=labels[batch],
+                             generator=generator)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    spec = ModelSpec(unet=TINY_UNET, schedule=TINY_SCHEDULE, objective=objective,
+                     data=DataSpec(image_size=8, channels=1, label_names=[str(i) for i in range(10)],
+                                   dataset_fingerprint=fingerprint))
+    return save_checkpoint(directory, model.eval(), spec)
