@@ -92,8 +92,9 @@ def open_source(source: str, params: PrepareParameters) -> ImageSource:
     raise DatasetError(f"source {source!r}: unsupported file type {suffix!r}", hint=f"use {SOURCE_KINDS}")
 
 
-def _hash_file(path: Path, digest: hashlib._Hash | None = None) -> str:
-    digest = digest or hashlib.sha256()
+def _hash_file(path: Path, prefix: bytes = b"") -> str:
+    """SHA-256 of `prefix` followed by the file's bytes, read in blocks."""
+    digest = hashlib.sha256(prefix)
     with path.open("rb") as f:
         while block := f.read(_HASH_BLOCK):
             digest.update(block)
@@ -178,9 +179,10 @@ class ImageFolderSource:
         return len(self.files)
 
     def iter_samples(self, params: PrepareParameters) -> Iterator[Sample | Skipped]:
+        class_index = {name: i for i, name in enumerate(self._classes or [])}
         for path in self.files:
             rel = path.relative_to(self.root)
-            label = self._classes.index(rel.parts[0]) if self._classes else NO_LABEL
+            label = class_index[rel.parts[0]] if self._classes else NO_LABEL
             yield self._decode(path, rel.as_posix(), label, params)
 
     def _decode(self, path: Path, name: str, label: int, params: PrepareParameters) -> Sample | Skipped:
@@ -370,8 +372,7 @@ class ParquetSource:
         return sorted(names)
 
     def fingerprint(self) -> str:
-        digest = hashlib.sha256(f"{self.image_column}\0{self.label_column}\0".encode())
-        return _hash_file(self.path, digest)
+        return _hash_file(self.path, prefix=f"{self.image_column}\0{self.label_column}\0".encode())
 
     def label_names(self) -> list[str] | None:
         return self._names
