@@ -17,26 +17,23 @@ AlphaBackground = Literal["white", "black"]
 class PrepareParameters(BaseModel):
     """Everything that decides the prepared dataset's content and layout (all of it is fingerprinted).
 
-    size / channels: every image becomes (size, size, channels) uint8; see `transforms` for the
-    resize, crop and mode-conversion policy. val_fraction: the share of rows whose content hash
-    places them in the validation split. alpha_background: the colour transparent pixels are
-    composited onto. folder_labels: label images of a folder source by their top-level sub-folder.
-    image_column / label_column: the columns read from a Parquet source (label_column None means
-    "use a column named 'label' when there is one"). rows_per_row_group / rows_per_shard: Parquet
-    layout; a row group is the unit a streaming reader holds in memory.
+    The resize, crop and mode-conversion policy behind size / channels / alpha_background is in
+    diffusion_core.data.transforms.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    size: int = Field(8, ge=1, le=4096)
-    channels: Literal[1, 3] = 1
-    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    alpha_background: AlphaBackground = "white"
-    folder_labels: bool = True
-    image_column: str = Field("image", min_length=1)
-    label_column: str | None = None
-    rows_per_row_group: int = Field(1024, ge=1)
-    rows_per_shard: int = Field(65536, ge=1)
+    size: int = Field(8, ge=1, le=4096, description="every image becomes size x size")
+    channels: Literal[1, 3] = Field(1, description="1 = grey (ITU-R 601-2 luma), 3 = RGB")
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0,
+                                description="share of rows whose content hash places them in val")
+    alpha_background: AlphaBackground = Field("white", description="colour transparent pixels become")
+    folder_labels: bool = Field(True, description="image folders: label = top-level sub-folder name")
+    image_column: str = Field("image", min_length=1, description="Parquet sources: the image column")
+    label_column: str | None = Field(
+        None, description="Parquet sources: the label column; None = 'label' when the table has one")
+    rows_per_row_group: int = Field(1024, ge=1, description="rows a streaming reader holds at once")
+    rows_per_shard: int = Field(65536, ge=1, description="rows per Parquet file")
 
     @model_validator(mode="after")
     def _shard_holds_whole_row_groups(self) -> PrepareParameters:
@@ -49,15 +46,12 @@ class PrepareParameters(BaseModel):
 
 
 class PrepareConfig(PrepareParameters):
-    """A preparation job: which source, where the dataset goes, and the parameters.
+    """A preparation job: which source, where the dataset goes (file://, s3://, gs:// or a local
+    path), and the parameters."""
 
-    source: "digits" (scikit-learn's bundled 8x8 digits) or a path to an image folder, a .npy /
-    .npz file or a .parquet file. output: a local directory or a pyarrow filesystem URI
-    (file://, s3://, gs://).
-    """
-
-    source: str = Field("digits", min_length=1)
-    output: str = Field(min_length=1)
+    source: str = Field("digits", min_length=1,
+                        description="'digits' or a local image folder / .npy / .npz / .parquet path")
+    output: str = Field(min_length=1, description="dataset directory: local path or pyarrow URI")
 
     def parameters(self) -> PrepareParameters:
         return PrepareParameters(**self.model_dump(exclude={"source", "output"}))
