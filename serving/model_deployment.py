@@ -1,0 +1,197 @@
+"""The model deployment: loads a checkpoint from the MLflow registry and runs batched reverse sampling.
+
+Requests arrive one `GenerationJob` per call; `@serve.batch` collects up to `max_images_per_batch`
+of them, `batching.plan_runs` packs their images into homogeneous sampler runs, and the results are
+split back per request. Sampling runs in a worker thread so that the replica keeps accepting requests
+(which then form the next batch) and answering health checks while it computes.
+
+Hot swap: Serve calls `reconfigure(user_config)` when the deployment's user_config changes. The new
+model loads in a thread while the old one keeps serving; the reference is then replaced in one
+assignment. A batch holds the model it started with, so in-flight requests finish on the old version
+and later ones use the new one. A failed swap keeps the old model (and is shown by GET /model);
+only a replica that has never loaded a model fails to start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from ray import serve
+
+from diffusion_core.checkpoint import LoadedModel, load_checkpoint
+from serving.batching import GenerationJob, Run, largest_run_per_job, plan_runs, scatter_results
+from serving.config import ModelDeploymentConfig, ModelSelection
+from serving.schemas import ModelInfo, ModelRef
+from serving.validation import label_errors
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    """The answer to one GenerationJob: images (N, C, H, W) float32 in [0, 1], or an error message."""
+
+    model: ModelRef
+    images: np.ndarray | None = None
+    error: str | None = None
+    queue_s: float = 0.0
+    sampling_s: float = 0.0
+    batch_images: int = 0
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    loaded: LoadedModel
+    info: ModelInfo
+    selection: ModelSelection
+    device: str
+
+    @property
+    def ref(self) -> ModelRef:
+        return ModelRef(name=self.info.name, version=self.info.version, alias=self.info.alias)
+
+
+@dataclass(frozen=True)
+class _Pending:
+    job: GenerationJob
+    arrived: float
+
+
+def numeric_tags(tags: dict[str, str]) -> dict[str, float]:
+    """Tags whose values are finite numbers (log_and_register stores evaluation metrics as tags)."""
+    metrics = {}
+    for key, value in tags.items():
+        try:
+            number = float(value)
+        except ValueError:
+            continue
+        if math.isfinite(number):
+            metrics[key] = number
+    return metrics
+
+
+def _describe(selection: ModelSelection, version: str | None, source: str, tags: dict[str, str],
+              loaded: LoadedModel, device: str) -> ModelInfo:
+    spec = loaded.spec
+    return ModelInfo(
+        name=selection.model_name, version=version, alias=selection.alias, source=source,
+        metrics=numeric_tags(tags), tags=tags,
+        image_shape=[spec.data.channels, spec.data.image_size, spec.data.image_size],
+        num_classes=spec.unet.num_classes, label_names=spec.data.label_names,
+        prediction=spec.objective.prediction, weights=loaded.weights, device=device, loaded_at=time.time(),
+    )
+
+
+def load_served_model(config: ModelDeploymentConfig) -> ServedModel:
+    """Resolve and load the model of `config` (blocking: downloads from the registry when needed)."""
+    selection = config.model
+    if selection.checkpoint_dir is not None:
+        loaded = load_checkpoint(selection.checkpoint_dir, device=config.device)
+        info = _describe(selection, selection.version, selection.checkpoint_dir, {}, loaded, config.device)
+        return ServedModel(loaded, info, selection, config.device)
+    from diffusion_core.adapters.mlflow_registry import download_checkpoint, get_version, resolve_version
+
+    if selection.version is not None:
+        version = get_version(selection.model_name, selection.version, selection.tracking_uri)
+    else:
+        version = resolve_version(selection.model_name, selection.alias, selection.tracking_uri)
+    local = download_checkpoint(version.model_uri, tracking_uri=selection.tracking_uri)
+    try:
+        loaded = load_checkpoint(local, device=config.device)
+    finally:
+        shutil.rmtree(local, ignore_errors=True)  # the weights are in memory now
+    info = _describe(selection, version.version, version.model_uri, version.tags, loaded, config.device)
+    logger.info("loaded %s (%s) on %s", version.model_uri, selection.alias, config.device)
+    return ServedModel(loaded, info, selection, config.device)
+
+
+def sample_run(loaded: LoadedModel, run: Run) -> np.ndarray:
+    """One reverse-sampling run: (run.num_images, C, H, W) float32 in [0, 1]."""
+    key = run.key
+    images = loaded.generate(run.num_images, steps=key.steps, sampler=key.sampler, seeds=run.seeds,
+                             labels=run.labels, guidance_scale=key.guidance_scale, eta=key.eta)
+    return images.numpy()
+
+
+def _replica_cpu_threads() -> int:
+    """Torch threads = the CPUs Serve gave this replica (Ray sets OMP_NUM_THREADS=1 in workers)."""
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    return max(1, int(cpus))
+
+
+@serve.deployment(name="DiffusionModel", max_ongoing_requests=64, max_queued_requests=64)
+class DiffusionModel:
+    """Serves one model version at a time; see the module docstring for batching and hot swap."""
+
+    def __init__(self) -> None:
+        torch.set_num_threads(_replica_cpu_threads())
+        self._served: ServedModel | None = None
+        self._config: ModelDeploymentConfig | None = None
+        self._last_load_error: str | None = None
+        self._swap_lock = asyncio.Lock()
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        config = ModelDeploymentConfig.model_validate(user_config)
+        self._generate_batch.set_max_batch_size(config.max_images_per_batch)
+        self._generate_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        async with self._swap_lock:
+            previous, self._config = self._config, config
+            if previous is not None and (previous.model, previous.device) == (config.model, config.device):
+                return
+            await self._swap_model(config)
+
+    async def _swap_model(self, config: ModelDeploymentConfig) -> None:
+        self._last_load_error = None
+        try:
+            served = await asyncio.to_thread(load_served_model, config)
+        except Exception as err:
+            if self._served is None:
+                raise  # nothing to serve: let Serve fail and retry this replica
+            self._last_load_error = f"{type(err).__name__}: {err}"
+            logger.exception("hot swap to %s failed; still serving %s", config.model, self._served.ref)
+            return
+        old, self._served, self._last_load_error = self._served, served, None
+        logger.info("now serving %s (was %s)", served.ref, old.ref if old else None)
+
+    def check_health(self) -> None:
+        if self._served is None:
+            raise RuntimeError("no model loaded")
+
+    async def describe(self) -> ModelInfo:
+        self.check_health()
+        return self._served.info.model_copy(update={"last_load_error": self._last_load_error})
+
+    async def generate(self, job: GenerationJob) -> JobOutcome:
+        return await self._generate_batch(_Pending(job, time.perf_counter()))
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    async def _generate_batch(self, pending: list[_Pending]) -> list[JobOutcome]:
+        served = self._served  # a swap during this batch affects the next one
+        started = time.perf_counter()
+        errors = [label_errors(p.job.labels, served.loaded.spec.unet.num_classes) for p in pending]
+        valid = [i for i, e in enumerate(errors) if not e]
+        jobs = [pending[i].job for i in valid]
+        runs = plan_runs(jobs, self._config.max_images_per_batch)
+        outputs = await asyncio.to_thread(self._sample_runs, served.loaded, runs)
+        sampling_s = time.perf_counter() - started
+        images = scatter_results(jobs, runs, outputs) if runs else []
+        sizes = largest_run_per_job(len(jobs), runs)
+        outcomes = [JobOutcome(served.ref, error="; ".join(e)) for e in errors]
+        for k, i in enumerate(valid):
+            outcomes[i] = JobOutcome(served.ref, images=images[k], queue_s=started - pending[i].arrived,
+                                     sampling_s=sampling_s, batch_images=sizes[k])
+        logger.debug("batch: %d requests, %d runs, %.3fs", len(pending), len(runs), sampling_s)
+        return outcomes
+
+    @staticmethod
+    def _sample_runs(loaded: LoadedModel, runs: list[Run]) -> list[np.ndarray]:
+        return [sample_run(loaded, run) for run in runs]
