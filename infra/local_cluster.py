@@ -5,7 +5,11 @@ Each node gets its own ports and `--temp-dir`, so the cluster never collides wit
 group of its `ray start`, which is how `stop()` ends exactly these processes: `ray stop` would end
 every Ray process of this user on the machine, including ones this cluster does not own.
 
-    python -m infra.local_cluster up --nodes 2       # prints RAY_ADDRESS=...; Ctrl-C stops it
+    python -m infra.local_cluster up --nodes 2       # prints the driver's environment; Ctrl-C stops it
+
+Nodes and drivers authenticate with a token made for this cluster (Ray's token auth, as on a
+shared cluster). Being explicit also keeps the cluster independent of a `~/.ray/auth_token`
+left on the machine, which Ray 2.60's GCS otherwise enforces against clients that send none.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import argparse
 import contextlib
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -76,6 +81,14 @@ class LocalRayCluster:
     root: Path | None = None
     nodes: list[LocalNode] = field(default_factory=list)
     address: str = ""
+    auth_token: str = field(default_factory=lambda: secrets.token_hex(32), repr=False)
+
+    def driver_env(self) -> dict[str, str]:
+        """What a driver (CLI, script, RayJob-like entrypoint) adds to its environment to use us."""
+        return {"RAY_ADDRESS": self.address, **self._auth_env()}
+
+    def _auth_env(self) -> dict[str, str]:
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.auth_token, "RAY_USAGE_STATS_ENABLED": "0"}
 
     def start(self, timeout_s: float = 120.0) -> str:
         if self.num_nodes < 1:
@@ -100,7 +113,8 @@ class LocalRayCluster:
         cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", *self._node_args(node, head)]
         log_path = node.temp_dir / "ray_start.log"
         with open(log_path, "wb") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                    env=self._node_env())
         node.pgid = proc.pid
         try:
             rc = proc.wait(timeout=timeout_s)
@@ -108,6 +122,10 @@ class LocalRayCluster:
             rc = None
         if rc != 0:
             raise RuntimeError(f"ray start failed (rc={rc}): {log_path.read_text()[-3000:]}")
+
+    def _node_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
+        return {**env, **self._auth_env()}
 
     def _node_args(self, node: LocalNode, head: bool) -> list[str]:
         args = [
@@ -167,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cluster = LocalRayCluster(args.nodes, args.cpus_per_node, args.dashboard_port)
     with cluster:
-        print(f"RAY_ADDRESS={cluster.address}", flush=True)
+        for name, value in cluster.driver_env().items():
+            print(f"export {name}={value}", flush=True)
         with contextlib.suppress(KeyboardInterrupt):
             signal.pause()
 
