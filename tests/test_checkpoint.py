@@ -29,6 +29,16 @@ from diffusion_core.unet import UNet, UNetConfig
 CHECKPOINT_FILES = {"model.safetensors", "ema.safetensors", "spec.json"}
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One intra-op thread: on a CPU shared with other test processes, torch's spinning worker
+    threads can slow these small models down 30-fold."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def make_spec(num_classes: int | None = 10, **unet_overrides) -> ModelSpec:
     unet = UNetConfig(**{**UNetConfig.digits_default(num_classes=num_classes).model_dump(), **unet_overrides})
     labels = [str(i) for i in range(num_classes)] if num_classes else None
@@ -149,7 +159,7 @@ def test_missing_directory_raises_checkpoint_error(tmp_path: Path) -> None:
 
 def test_save_refuses_a_spec_that_does_not_describe_the_model(tmp_path: Path) -> None:
     model, _ = trained_pair(make_spec())
-    with pytest.raises(CheckpointError, match="spec.unet"):
+    with pytest.raises(CheckpointError, match=r"spec\.unet"):
         save_checkpoint(tmp_path / "ckpt", model, make_spec(base_channels=40))
 
 
