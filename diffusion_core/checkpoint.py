@@ -7,7 +7,9 @@
                           its training objective and the data space it generates in
 
 `save_checkpoint` writes a sibling temp directory and renames it into place, so that readers see
-either the previous complete checkpoint or the new complete one, never a mix.
+either the previous complete checkpoint or the new complete one, never a mix. (Replacing takes two
+renames, old aside then new in; a reader arriving between them finds no checkpoint and gets a
+CheckpointError, and a crash exactly there leaves the old one complete under `.<name>.old-*`.)
 """
 
 from __future__ import annotations
@@ -122,6 +124,8 @@ def save_checkpoint(directory: str | Path, model: nn.Module, spec: ModelSpec, em
     directory = Path(directory)
     net = unwrap_model(model)
     _check_model_matches_spec(net, spec)
+    if ema is not None:
+        _check_state_matches(net, ema.shadow, "ema")
     _refuse_to_overwrite_non_checkpoint(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))

@@ -5,9 +5,9 @@ After every optimiser step n = 0, 1, 2, ... (n = number of updates done before t
     d_n       = min(decay, (1 + n) / (10 + n))    if warmup else decay
     ema_{n+1} = d_n * ema_n + (1 - d_n) * theta_{n+1}
 
-The warm-up (the `num_updates` rule of TensorFlow's ExponentialMovingAverage, also used by
-Ho et al. 2020's reference code) keeps the average from being dominated by the random
-initialisation early on: d_0 = 0.1, d_1 = 2/11, ... approaching `decay`. With warmup=False and a
+The warm-up (the `num_updates` rule of TensorFlow's tf.train.ExponentialMovingAverage) keeps the
+average from being dominated by the random initialisation early on: d_0 = 0.1, d_1 = 2/11, ...
+approaching `decay`. With warmup=False and a
 fixed target theta the closed form is ema_k = theta + (ema_0 - theta) * decay**k.
 
 Every floating-point entry of the model's state_dict is averaged (parameters and float buffers);

@@ -230,3 +230,12 @@ def test_generate_rejects_bad_requests(saved) -> None:
         loaded.generate(0)
     with pytest.raises(ConfigError, match="labels"):
         loaded.generate(2, steps=2, seeds=[0, 1], labels=[1])
+
+
+def test_save_refuses_an_ema_of_another_model(tmp_path: Path) -> None:
+    spec = make_spec()
+    model, _ = trained_pair(spec)
+    _, other_ema = trained_pair(make_spec(num_res_blocks=1))
+    with pytest.raises(CheckpointError, match="ema"):
+        save_checkpoint(tmp_path / "ckpt", model, spec, ema=other_ema)
+    assert not (tmp_path / "ckpt").exists()
