@@ -1,0 +1,426 @@
+"""Distributed training with Ray Train (V2 API): TorchTrainer wiring and the per-worker loop.
+
+Driver (`run_training`): validate the config against the dataset manifest, open the MLflow run, build
+ScalingConfig / RunConfig from the TrainConfig, read the training split with Ray Data and call
+`TorchTrainer.fit()`. Ray Train V2 resumes by itself in two cases: after a worker failure (up to
+`max_failures`) and when a run with the same `RunConfig(name, storage_path)` is started again
+(its checkpoint manager snapshot lives under storage_path/name); in both cases
+`ray.train.get_checkpoint()` returns the latest checkpoint inside the loop.
+
+Worker (`train_loop_per_worker`): take this worker's Ray Data shard into memory (decoded tensors,
+sorted by content key so that the order does not depend on how Ray Data delivered the blocks), wrap
+the model with DDP (gloo on CPU, NCCL on GPU), and run `diffusion_core.training.train_step` from the
+checkpoint's step to `config.steps`. Every `checkpoint_every` steps and at the end, rank 0 writes
+the checkpoint and every rank calls `ray.train.report` (a barrier).
+
+Why the shard is held in memory: Ray Data's streaming split assigns blocks to workers dynamically,
+so neither a shard's rows nor their order is reproducible across attempts, and starting a new Ray
+Data epoch costs about a second, which dominates small-image training. Holding the decoded shard and
+drawing epochs as permutations seeded by (seed, rank, epoch) makes the data position a function of
+the step: with one worker a resumed run sees exactly the batches of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+from torch import Tensor
+
+from diffusion_core.checkpoint import DataSpec, ModelSpec
+from diffusion_core.data.manifest import DatasetManifest, read_manifest
+from diffusion_core.errors import ConfigError
+from diffusion_core.images import encode_png, make_grid, to_uint8
+from diffusion_core.samplers import sample
+from diffusion_core.training import (
+    TrainConfig,
+    TrainingDivergedError,
+    TrainState,
+    batch_rows,
+    build_train_state,
+    data_position,
+    load_training_checkpoint,
+    load_weights,
+    save_training_checkpoint,
+    train_step,
+)
+
+logger = logging.getLogger(__name__)
+
+TRAIN_SPLIT = "train"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What the pipeline needs from a finished run."""
+
+    checkpoint_path: str
+    run_id: str
+    run_name: str
+    metrics: dict[str, Any]
+
+
+# --- driver ------------------------------------------------------------------------------------
+
+
+def run_training(config: TrainConfig, tags: dict[str, str] | None = None) -> TrainResult:
+    """Train (or resume `config.run_name`) with Ray Train and track it in MLflow.
+
+    `tags` are added to the MLflow run (e.g. {"prefect.flow_run_id": ...}). Raises
+    TrainingDivergedError (naming the last good checkpoint) when the loss or gradients stayed
+    non-finite, and Ray's TrainingFailedError when workers failed more than `max_failures` times.
+    """
+    from diffusion_core.adapters import mlflow_tracking
+
+    manifest = read_manifest(config.dataset)
+    spec = model_spec_for(config, manifest)
+    run_name = config.run_name or datetime.now().strftime("train-%Y%m%d-%H%M%S")
+    storage_path = resolve_storage_path(config.storage_path)
+    started_ray = _ensure_ray(config.ray_address)
+    try:
+        check_cpus_left_for_data(config)
+        run_id = mlflow_tracking.start_or_resume_run(config, run_name, storage_path, manifest, tags)
+        loop_config = {
+            "config": config.model_dump(mode="json"),
+            "spec": spec.model_dump(mode="json"),
+            "manifest": manifest.model_dump(mode="json"),
+            "tracking_uri": mlflow_tracking.resolved_tracking_uri(config),
+            "run_id": run_id,
+        }
+        try:
+            result = build_trainer(config, run_name, storage_path, loop_config).fit()
+        except BaseException:
+            mlflow_tracking.finish_run(config, run_id, None, failed=True)
+            raise
+        return _finish(config, run_id, run_name, result)
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def _finish(config: TrainConfig, run_id: str, run_name: str, result: ray.train.Result) -> TrainResult:
+    from diffusion_core.adapters import mlflow_tracking
+
+    checkpoint_path = checkpoint_location(config.storage_path, result.checkpoint)
+    metrics = dict(result.metrics or {})
+    diverged = bool(metrics.get("diverged"))
+    mlflow_tracking.finish_run(config, run_id, checkpoint_path, failed=diverged)
+    if diverged:
+        raise TrainingDivergedError(
+            f"training diverged at step {metrics.get('step')}: {metrics.get('nonfinite_streak')} "
+            f"consecutive non-finite losses or gradients; last good checkpoint: {checkpoint_path}",
+            hint="lower lr or grad_clip and resume from that checkpoint (warm_start)",
+        )
+    logger.info("training run %r finished: checkpoint %s, MLflow run %s", run_name, checkpoint_path, run_id)
+    return TrainResult(checkpoint_path=checkpoint_path, run_id=run_id, run_name=run_name, metrics=metrics)
+
+
+def build_trainer(config: TrainConfig, run_name: str, storage_path: str,
+                  loop_config: dict[str, Any]) -> TorchTrainer:
+    from diffusion_core.adapters.ray_data import read_split
+
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=scaling_config(config),
+        run_config=run_config(config, run_name, storage_path),
+        torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
+        datasets={TRAIN_SPLIT: read_split(config.dataset, TRAIN_SPLIT)},
+    )
+
+
+def scaling_config(config: TrainConfig) -> ScalingConfig:
+    resources = {"CPU": config.cpus_per_worker}
+    if config.use_gpu:
+        resources["GPU"] = config.gpus_per_worker
+    return ScalingConfig(
+        num_workers=config.num_workers,
+        use_gpu=config.use_gpu,
+        resources_per_worker=resources,
+        placement_strategy=config.placement_strategy,
+    )
+
+
+def run_config(config: TrainConfig, run_name: str, storage_path: str) -> RunConfig:
+    return RunConfig(
+        name=run_name,
+        storage_path=storage_path,
+        failure_config=FailureConfig(max_failures=config.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=config.num_to_keep),
+    )
+
+
+def resolve_storage_path(storage_path: str) -> str:
+    """URIs unchanged; local paths made absolute (Ray resolves relative ones against its own dirs)."""
+    if "://" in storage_path:
+        return storage_path
+    return str(Path(storage_path).expanduser().resolve())
+
+
+def checkpoint_location(storage_path: str, checkpoint: ray.train.Checkpoint | None) -> str:
+    """The checkpoint as a path (local storage) or URI (remote storage)."""
+    if checkpoint is None:
+        raise ConfigError("steps: the run reported no checkpoint; it must train at least one step")
+    if "://" in storage_path:
+        return f"{storage_path.split('://', 1)[0]}://{checkpoint.path.lstrip('/')}"
+    return checkpoint.path
+
+
+def model_spec_for(config: TrainConfig, manifest: DatasetManifest) -> ModelSpec:
+    """The ModelSpec of the model to train; the UNet must match the dataset's images and labels."""
+    unet = config.unet
+    num_labels = len(manifest.label_names) if manifest.label_names else None
+    if (unet.image_size, unet.in_channels) != (manifest.image_size, manifest.channels):
+        raise ConfigError(
+            f"unet.image_size/unet.in_channels: ({unet.image_size}, {unet.in_channels}) do not match the "
+            f"dataset's ({manifest.image_size}, {manifest.channels}) at {config.dataset}"
+        )
+    if unet.num_classes != num_labels:
+        raise ConfigError(
+            f"unet.num_classes: {unet.num_classes} does not match the dataset's {num_labels} labels "
+            "(None = unlabelled)"
+        )
+    data = DataSpec(image_size=manifest.image_size, channels=manifest.channels,
+                    label_names=manifest.label_names, dataset_fingerprint=manifest.fingerprint)
+    return ModelSpec(unet=unet, schedule=config.schedule, objective=config.objective, data=data)
+
+
+def check_cpus_left_for_data(config: TrainConfig) -> None:
+    """Ray Data reads the dataset with CPU tasks; if the workers reserve every CPU of the cluster
+    those tasks never start and fit() hangs. Refuse that configuration up front."""
+    total = ray.cluster_resources().get("CPU", 0.0)
+    reserved = config.num_workers * config.cpus_per_worker
+    if total - reserved < 1.0:
+        raise ConfigError(
+            f"cpus_per_worker: {config.num_workers} worker(s) x {config.cpus_per_worker} CPUs leave "
+            f"{total - reserved:g} of the cluster's {total:g} CPUs; Ray Data needs at least 1 free CPU "
+            "to read the dataset",
+            hint="lower cpus_per_worker or num_workers, or add CPUs to the cluster",
+        )
+
+
+def _ensure_ray(address: str | None) -> bool:
+    """Connect to `address` (or start a local Ray) unless connected; True when this call started it."""
+    if ray.is_initialized():
+        return False
+    ray.init(address=address, configure_logging=False)
+    return True
+
+
+# --- worker ------------------------------------------------------------------------------------
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """The loop every Ray Train worker runs (see the module docstring)."""
+    config = TrainConfig.model_validate(loop_config["config"])
+    spec = ModelSpec.model_validate(loop_config["spec"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if not config.use_gpu:
+        # Ray sets OMP_NUM_THREADS=1 in workers; use the CPUs this worker reserved.
+        torch.set_num_threads(max(1, math.floor(config.cpus_per_worker)))
+    device = ray.train.torch.get_device()
+    manifest = DatasetManifest.model_validate(loop_config["manifest"])
+    images, labels = load_shard(manifest, device, has_labels=spec.unet.num_classes is not None)
+    state = build_train_state(config, device)
+    start_step = restore_state(state, config)
+    model = ray.train.torch.prepare_model(state.model)
+    if config.compile:
+        model = torch.compile(model)
+    node_ids = _gather_node_ids(world)
+    tracker = _open_tracker(loop_config, rank)
+    loop = _WorkerLoop(config, spec, state, model, images, labels, rank, world, tracker)
+    try:
+        loop.run(start_step, node_ids)
+    finally:
+        if tracker is not None:
+            tracker.close()
+
+
+def load_shard(manifest: DatasetManifest, device: torch.device,
+               has_labels: bool) -> tuple[Tensor, Tensor | None]:
+    """This worker's part of the training split as (N, C, H, W) float32 in [-1, 1] and (N,) int64
+    labels (None for an unlabelled dataset), sorted by content key."""
+    from diffusion_core.adapters.ray_data import decode_batch
+
+    shard = ray.train.get_dataset_shard(TRAIN_SPLIT)
+    images, labels, keys = [], [], []
+    for batch in shard.iter_batches(batch_size=4096, batch_format="numpy"):
+        keys.extend(batch["key"].tolist())
+        batch_images, batch_labels = decode_batch(batch, manifest)
+        images.append(batch_images)
+        labels.append(batch_labels)
+    order = torch.tensor(sorted(range(len(keys)), key=keys.__getitem__), dtype=torch.long)
+    logger.info("worker shard: %d training images", len(keys))
+    all_labels = torch.cat(labels)[order].to(device) if has_labels else None
+    return torch.cat(images)[order].to(device), all_labels
+
+
+def restore_state(state: TrainState, config: TrainConfig) -> int:
+    """Load the latest checkpoint of this run (retry or rerun), else the warm-start weights; the
+    step to start from."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            load_training_checkpoint(directory, state)
+        logger.info("resumed from checkpoint at step %d", state.step)
+    elif config.warm_start:
+        load_weights(config.warm_start, state, next(state.model.parameters()).device)
+        logger.info("warm start from %s", config.warm_start)
+    return state.step
+
+
+def _gather_node_ids(world: int) -> list[str]:
+    node_id = ray.get_runtime_context().get_node_id()
+    if world == 1 or not dist.is_initialized():
+        return [node_id]
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, node_id)
+    return [str(n) for n in gathered]
+
+
+def _open_tracker(loop_config: dict[str, Any], rank: int):
+    if rank != 0:
+        return None
+    from diffusion_core.adapters.mlflow_tracking import RankZeroTracker
+
+    return RankZeroTracker(loop_config["tracking_uri"], loop_config["run_id"])
+
+
+def _reduce_mean(world: int):
+    def reduce(t: Tensor) -> Tensor:
+        if world > 1:
+            t = t.clone()
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            t /= world
+        return t
+
+    return reduce
+
+
+class _WorkerLoop:
+    """Steps, periodic logging, sample grids and checkpoint reports of one worker."""
+
+    def __init__(self, config: TrainConfig, spec: ModelSpec, state: TrainState, model: torch.nn.Module,
+                 images: Tensor, labels: Tensor | None, rank: int, world: int, tracker) -> None:
+        self.config, self.spec, self.state, self.model = config, spec, state, model
+        self.images, self.labels = images, labels
+        self.rank, self.world, self.tracker = rank, world, tracker
+        self.batch_size = config.per_worker_batch_size
+        self.window_losses: list[float] = []
+        self.window_start = time.perf_counter()
+        self.window_step = 0
+
+    def run(self, start_step: int, node_ids: list[str]) -> None:
+        self.start_step = self.window_step = start_step
+        self.loop_start = time.perf_counter()
+        self.node_ids = ",".join(node_ids)
+        while self.state.step < self.config.steps:
+            try:
+                result = self._step()
+            except TrainingDivergedError:
+                ray.train.report(self._metrics(diverged=True), checkpoint=None)
+                return
+            self._maybe_inject_fault()
+            self._after_step(result)
+
+    def _step(self):
+        rows = batch_rows(self.state.step, self.images.shape[0], self.batch_size, self.config.seed, self.rank)
+        labels = self.labels[rows] if self.labels is not None else None
+        return train_step(self.state, self.config, self.images[rows], labels, rank=self.rank,
+                          reduce_mean=_reduce_mean(self.world), model=self.model)
+
+    def _after_step(self, result) -> None:
+        step, config = self.state.step, self.config
+        if not result.skipped:
+            self.window_losses.append(result.loss)
+        if step % config.log_every == 0 or step == config.steps:
+            self._log(result)
+        if config.sample_every and step % config.sample_every == 0 and step != config.steps:
+            self._log_samples()
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            if step == config.steps:
+                self._log_samples()
+            self._checkpoint()
+
+    def _log(self, result) -> None:
+        now = time.perf_counter()
+        steps = self.state.step - self.window_step
+        images_per_s = steps * self.config.batch_size / max(now - self.window_start, 1e-9)
+        loss = sum(self.window_losses) / len(self.window_losses) if self.window_losses else float("nan")
+        eta = (self.config.steps - self.state.step) * self.config.batch_size / max(images_per_s, 1e-9)
+        if self.tracker is not None:
+            self.tracker.log_metrics({
+                "loss": loss, "lr": result.lr, "grad_norm": result.grad_norm,
+                "images_per_s": images_per_s, "nonfinite_steps": float(self.state.nonfinite_total),
+            }, step=self.state.step)
+            logger.info("step %d/%d  loss %.4f  %.0f images/s  ETA %.0fs", self.state.step,
+                        self.config.steps, loss, images_per_s, eta)
+        self.window_losses, self.window_start, self.window_step = [], now, self.state.step
+
+    def _log_samples(self) -> None:
+        if self.tracker is None:
+            return
+        grid = sample_grid(self.state, self.spec, self.config)
+        self.tracker.log_png(encode_png(grid), "samples", f"step_{self.state.step:07d}.png")
+
+    def _metrics(self, diverged: bool = False) -> dict[str, Any]:
+        pos = data_position(self.state.step, max(1, self.images.shape[0] // self.batch_size))
+        elapsed = time.perf_counter() - self.loop_start
+        return {
+            "step": self.state.step, "start_step": self.start_step, "epoch": pos.epoch,
+            "batch_index": pos.batch_index, "nonfinite_total": self.state.nonfinite_total,
+            "nonfinite_streak": self.state.nonfinite_streak, "diverged": diverged,
+            "world_size": self.world, "worker_node_ids": self.node_ids,
+            "train_seconds": elapsed,
+            "images_per_s": (self.state.step - self.start_step) * self.config.batch_size / max(elapsed, 1e-9),
+        }
+
+    def _checkpoint(self) -> None:
+        metrics = self._metrics()
+        name = f"checkpoint_{self.state.step:07d}"
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if self.rank == 0:
+                self.state.extra = {"epoch": metrics["epoch"], "batch_index": metrics["batch_index"]}
+                path = save_training_checkpoint(Path(tmp) / name, self.state, self.config, self.spec)
+                checkpoint = ray.train.Checkpoint.from_directory(str(path))
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+
+    def _maybe_inject_fault(self) -> None:
+        fault = self.config.fault_injection
+        if fault is None or self.state.step != fault.at_step or self.rank != fault.rank:
+            return
+        marker = Path(fault.marker_path)
+        if marker.exists():
+            return
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"fired at step {self.state.step}\n")
+        raise RuntimeError(f"fault_injection: injected failure at step {self.state.step}")
+
+
+def sample_grid(state: TrainState, spec: ModelSpec, config: TrainConfig) -> Any:
+    """A uint8 (H, W, C) grid of samples from the EMA weights; class-conditional models get label
+    i % num_classes for image i, so each column of the 8-wide grid is one class when it has 8."""
+    ema_model = state.ema.averaged_model(state.model)
+    n, num_classes = config.num_sample_images, spec.unet.num_classes
+    device = next(ema_model.parameters()).device
+    labels = torch.arange(n, device=device) % num_classes if num_classes else None
+    shape = (n, spec.unet.in_channels, spec.unet.image_size, spec.unet.image_size)
+    with torch.no_grad():
+        x = sample(ema_model, shape, state.schedule, sampler=config.sampler, steps=config.sample_steps,
+                   seeds=list(range(n)), labels=labels, prediction=config.objective.prediction,
+                   device=device)
+    return make_grid(to_uint8((x.clamp(-1, 1) + 1) / 2), nrow=num_classes or 8)

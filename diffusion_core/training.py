@@ -1,0 +1,399 @@
+"""Training configuration and the pure-PyTorch training state and step (no Ray, no MLflow).
+
+The distributed wiring lives in `adapters/ray_train.py`; this module holds everything that can be
+tested in one process: the typed `TrainConfig`, the optimiser and its learning-rate schedule, one
+optimisation step with non-finite protection, EMA, the data position of a step, and the training
+state's save/load.
+
+Optimisation: AdamW (Loshchilov & Hutter 2019) on the denoising loss of Ho et al. 2020, with linear
+warm-up and cosine decay of the learning rate (Loshchilov & Hutter 2017, SGDR):
+
+    lr(s) = lr * (s + 1) / W                                          s < W
+    lr(s) = lr * (r + (1 - r) * (1 + cos(pi * (s - W) / (S - W))) / 2)    W <= s < S
+
+(W = warmup_steps, S = steps, r = min_lr_ratio). The learning rate is a pure function of the step,
+so the step counter is the whole scheduler state.
+
+Classifier-free guidance training (Ho & Salimans 2022): each label is replaced by NULL_LABEL with
+probability `label_dropout`, so one network learns both eps(x_t, t, y) and eps(x_t, t, null).
+
+Reproducibility: every random draw of step s on rank k (noise, timesteps, label dropout, dropout
+layers) comes from generators seeded by (seed, k, s), and the order of the data in epoch e from a
+permutation seeded by (seed, k, e). A resumed run therefore needs only the step counter to continue
+exactly where an uninterrupted run would be; no generator state has to be saved.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from diffusion_core.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
+from diffusion_core.ema import EMA, unwrap_model
+from diffusion_core.errors import CheckpointError, ConfigError, DiffusionPipelineError
+from diffusion_core.guidance import NULL_LABEL
+from diffusion_core.objective import ObjectiveConfig, training_loss
+from diffusion_core.schedule import NoiseSchedule, ScheduleConfig
+from diffusion_core.unet import UNet, UNetConfig
+
+TRAINING_STATE_DIR = "training_state"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "state.json"
+CONFIG_FILE = "train_config.json"
+
+
+class FaultInjection(BaseModel):
+    """Test hook: raise once at `at_step` on rank `rank`, unless `marker_path` exists (it is created
+    just before raising, so the retry runs through)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    at_step: int = Field(ge=1)
+    marker_path: str
+    rank: int = Field(0, ge=0)
+
+
+class TrainConfig(BaseModel):
+    """Everything a training run needs; saved with every checkpoint and logged as MLflow params.
+
+    `batch_size` is global (all workers together) and must be divisible by `num_workers`.
+    `precision="auto"` means bf16 autocast on GPU and fp32 on CPU.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    dataset: str = Field(description="prepared dataset directory or URI (manifest.json + train/*.parquet)")
+    run_name: str | None = Field(None, description="Ray Train run name; rerunning a name resumes it")
+    storage_path: str = Field("ray_results", description="checkpoint root: local path or URI")
+    experiment_name: str = "diffusion"
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI; None = MLflow's default")
+    artifact_location: str | None = Field(None, description="artifact root of a new MLflow experiment")
+    ray_address: str | None = None
+
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(2.0, gt=0)
+    gpus_per_worker: float = Field(1.0, gt=0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    max_failures: int = Field(1, ge=-1)
+    num_to_keep: int | None = Field(2, ge=1)
+
+    steps: int = Field(3000, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = Field(100, ge=0)
+    min_lr_ratio: float = Field(0.05, ge=0, le=1)
+    grad_clip: float | None = Field(1.0, gt=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    label_dropout: float = Field(0.1, ge=0, le=1)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    compile: bool = False
+    seed: int = 0
+
+    checkpoint_every: int = Field(1000, ge=1)
+    log_every: int = Field(50, ge=1)
+    sample_every: int | None = Field(None, ge=1, description="sample grids mid-run; always at the end")
+    num_sample_images: int = Field(64, ge=1)
+    sampler: str = "dpmpp_2m"
+    sample_steps: int = Field(20, ge=1)
+    max_consecutive_nonfinite: int = Field(5, ge=1)
+    warm_start: str | None = Field(None, description="diffusion_core checkpoint to start the weights from")
+    fault_injection: FaultInjection | None = None
+
+    unet: UNetConfig = Field(default_factory=UNetConfig.digits_default)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+
+    @model_validator(mode="after")
+    def _check_batch_split(self) -> TrainConfig:
+        if self.batch_size % self.num_workers:
+            raise ValueError(
+                f"batch_size: {self.batch_size} is not divisible by num_workers={self.num_workers}"
+            )
+        return self
+
+    @property
+    def per_worker_batch_size(self) -> int:
+        return self.batch_size // self.num_workers
+
+    def autocast_dtype(self, device_type: str) -> torch.dtype | None:
+        """bf16 for precision="bf16" (or "auto" on CUDA); None means full fp32."""
+        if self.precision == "bf16" or (self.precision == "auto" and device_type == "cuda"):
+            return torch.bfloat16
+        return None
+
+
+class TrainingDivergedError(DiffusionPipelineError):
+    """Too many consecutive non-finite losses or gradients."""
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """The multiplier of the base learning rate at `step` (module docstring: warm-up + cosine)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def derived_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, stable across processes and Python versions (sha256, not hash())."""
+    digest = hashlib.sha256(",".join(str(int(p)) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+@dataclass(frozen=True)
+class DataPosition:
+    """Where step `step` reads: batch `batch_index` of epoch `epoch` of this worker's shard."""
+
+    epoch: int
+    batch_index: int
+
+
+def data_position(step: int, batches_per_epoch: int) -> DataPosition:
+    return DataPosition(epoch=step // batches_per_epoch, batch_index=step % batches_per_epoch)
+
+
+def batch_rows(step: int, num_rows: int, batch_size: int, seed: int, rank: int) -> Tensor:
+    """Row indices of the shard that step `step` trains on: epochs are seeded permutations of the
+    shard ((seed, rank, epoch)), cut into `num_rows // batch_size` full batches (the rest is dropped)."""
+    batches_per_epoch = num_rows // batch_size
+    if batches_per_epoch == 0:
+        raise ConfigError(
+            f"batch_size: the per-worker batch of {batch_size} is larger than this worker's "
+            f"{num_rows} training rows; lower batch_size or num_workers"
+        )
+    pos = data_position(step, batches_per_epoch)
+    gen = torch.Generator().manual_seed(derived_seed(seed, rank, pos.epoch))
+    order = torch.randperm(num_rows, generator=gen)
+    return order[pos.batch_index * batch_size : (pos.batch_index + 1) * batch_size]
+
+
+def drop_labels(labels: Tensor, p: float, generator: torch.Generator) -> Tensor:
+    """Replace each label by NULL_LABEL with probability p (classifier-free guidance training)."""
+    if p == 0.0:
+        return labels
+    drop = torch.rand(labels.shape, generator=generator, device=labels.device) < p
+    return torch.where(drop, torch.full_like(labels, NULL_LABEL), labels)
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint restores: weights, EMA, optimiser moments and counters."""
+
+    model: nn.Module
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    schedule: NoiseSchedule
+    step: int = 0
+    nonfinite_total: int = 0
+    nonfinite_streak: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def build_train_state(config: TrainConfig, device: torch.device | str = "cpu") -> TrainState:
+    """A freshly initialised model (seeded by config.seed), its EMA and AdamW optimiser."""
+    torch.manual_seed(config.seed)
+    model = UNet(config.unet).to(device)
+    return TrainState(
+        model=model,
+        ema=EMA(model, decay=config.ema_decay),
+        optimizer=make_optimizer(model, config),
+        schedule=NoiseSchedule.from_config(config.schedule),
+    )
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(
+        model.parameters(), lr=config.lr, betas=config.adam_betas, weight_decay=config.weight_decay
+    )
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, config: TrainConfig, step: int) -> float:
+    lr = config.lr * lr_factor(step, config.warmup_steps, config.steps, config.min_lr_ratio)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """Outcome of one step: `loss` is the mean over ranks; a skipped step changed nothing."""
+
+    loss: float
+    grad_norm: float
+    lr: float
+    skipped: bool
+
+
+def _identity(t: Tensor) -> Tensor:
+    return t
+
+
+def train_step(
+    state: TrainState,
+    config: TrainConfig,
+    images: Tensor,
+    labels: Tensor | None,
+    *,
+    rank: int = 0,
+    reduce_mean: Callable[[Tensor], Tensor] = _identity,
+    model: nn.Module | None = None,
+) -> StepResult:
+    """One AdamW step on the batch `images` (N, C, H, W) in [-1, 1], `labels` (N,) int64 or None.
+
+    `model` is the module to call (a DDP / compiled wrapper of state.model); `reduce_mean` averages a
+    tensor over ranks, so every rank sees the same loss and takes the same skip decision. A
+    non-finite loss or gradient norm skips the update (weights, EMA and moments untouched) and is
+    counted; `max_consecutive_nonfinite` skips in a row raise TrainingDivergedError.
+    """
+    model = model or state.model
+    seed = derived_seed(config.seed, rank, state.step)
+    torch.manual_seed(seed)  # dropout layers draw from the global generator
+    gen = torch.Generator(device=images.device).manual_seed(seed)
+    lr = set_learning_rate(state.optimizer, config, state.step)
+    if labels is not None:
+        labels = drop_labels(labels, config.label_dropout, gen)
+    loss = _loss(model, config, state.schedule, images, labels, gen)
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = _grad_norm(state.model, config.grad_clip)
+    mean_loss = reduce_mean(loss.detach().float()).item()
+    skipped = not (math.isfinite(mean_loss) and math.isfinite(grad_norm))
+    if skipped:
+        _record_nonfinite(state, config)
+        state.optimizer.zero_grad(set_to_none=True)
+    else:
+        state.optimizer.step()
+        state.ema.update(state.model)
+        state.nonfinite_streak = 0
+    state.step += 1
+    return StepResult(loss=mean_loss, grad_norm=grad_norm, lr=lr, skipped=skipped)
+
+
+def _loss(
+    model: nn.Module,
+    config: TrainConfig,
+    schedule: NoiseSchedule,
+    images: Tensor,
+    labels: Tensor | None,
+    gen: torch.Generator,
+) -> Tensor:
+    dtype = config.autocast_dtype(images.device.type)
+    with torch.autocast(images.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        return training_loss(model, images, schedule, config.objective, labels=labels, generator=gen)
+
+
+def _grad_norm(model: nn.Module, clip: float | None) -> float:
+    """Global L2 norm of the gradients (already averaged over ranks by DDP), clipped to `clip`."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    max_norm = clip if clip is not None else float("inf")
+    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+
+def _record_nonfinite(state: TrainState, config: TrainConfig) -> None:
+    state.nonfinite_total += 1
+    state.nonfinite_streak += 1
+    if state.nonfinite_streak >= config.max_consecutive_nonfinite:
+        raise TrainingDivergedError(
+            f"training diverged: {state.nonfinite_streak} consecutive non-finite losses or gradients "
+            f"at step {state.step}",
+            hint="resume from the last good checkpoint with a lower lr or grad_clip",
+        )
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+
+
+def save_training_checkpoint(directory: str | Path, state: TrainState, config: TrainConfig,
+                             spec: ModelSpec) -> Path:
+    """A diffusion_core checkpoint (weights, EMA, spec; loadable by load_checkpoint) plus
+    `training_state/`: optimiser tensors (safetensors), counters and EMA count (JSON), the config."""
+    path = save_checkpoint(directory, unwrap_model(state.model), spec, ema=state.ema)
+    tensors, meta = _flatten_optimizer(state.optimizer)
+    train_dir = path / TRAINING_STATE_DIR
+    train_dir.mkdir()
+    save_file(tensors, str(train_dir / OPTIMIZER_FILE))
+    counters = {
+        "step": state.step,
+        "nonfinite_total": state.nonfinite_total,
+        "nonfinite_streak": state.nonfinite_streak,
+        "ema_num_updates": state.ema.num_updates,
+        "optimizer": meta,
+        **state.extra,
+    }
+    (train_dir / STATE_FILE).write_text(json.dumps(counters, indent=2))
+    (train_dir / CONFIG_FILE).write_text(config.model_dump_json(indent=2))
+    return path
+
+
+def load_training_checkpoint(directory: str | Path, state: TrainState) -> None:
+    """Restore weights, EMA, optimiser and counters from `save_training_checkpoint` output."""
+    train_dir = Path(directory) / TRAINING_STATE_DIR
+    if not (train_dir / STATE_FILE).is_file():
+        raise CheckpointError(
+            f"checkpoint: {directory} has no {TRAINING_STATE_DIR}/{STATE_FILE}; it is not a training "
+            "checkpoint", hint="to start new training from its weights, pass it as warm_start",
+        )
+    counters = json.loads((train_dir / STATE_FILE).read_text())
+    device = next(state.model.parameters()).device
+    load_weights(directory, state, device)
+    state.ema.num_updates = int(counters["ema_num_updates"])
+    # Loaded on the CPU: load_state_dict moves moments to the parameters and keeps "step" on the CPU.
+    tensors = load_file(str(train_dir / OPTIMIZER_FILE))
+    state.optimizer.load_state_dict(_unflatten_optimizer(tensors, counters["optimizer"]))
+    state.step = int(counters["step"])
+    state.nonfinite_total = int(counters["nonfinite_total"])
+    state.nonfinite_streak = int(counters["nonfinite_streak"])
+
+
+def load_weights(directory: str | Path, state: TrainState, device: torch.device | str = "cpu") -> None:
+    """Raw weights into the model and EMA weights into the EMA (warm start: counters untouched)."""
+    raw = load_checkpoint(directory, use_ema=False, device=str(device)).model.state_dict()
+    ema = load_checkpoint(directory, use_ema=True, device=str(device)).model.state_dict()
+    with torch.no_grad():
+        unwrap_model(state.model).load_state_dict(raw, strict=True)
+    state.ema.load_state_dict({"shadow": ema, "num_updates": state.ema.num_updates})
+
+
+def read_training_step(directory: str | Path) -> int:
+    """The step counter stored in a training checkpoint."""
+    counters = json.loads((Path(directory) / TRAINING_STATE_DIR / STATE_FILE).read_text())
+    return int(counters["step"])
+
+
+def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Optimizer state_dict -> ({"state.<param>.<name>": tensor}, JSON-able param groups + scalars)."""
+    sd = optimizer.state_dict()
+    tensors: dict[str, Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, pstate in sd["state"].items():
+        for name, value in pstate.items():
+            if isinstance(value, Tensor):
+                tensors[f"state.{idx}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(idx), {})[name] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = value
+    for idx, scalars in meta["scalars"].items():
+        state.setdefault(int(idx), {}).update(scalars)
+    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}

@@ -1,0 +1,176 @@
+"""The pure-PyTorch training core: LR schedule, data position, label dropout, non-finite handling,
+checkpoint round trip and exact resume (no Ray, no MLflow)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffusion_core.checkpoint import DataSpec, ModelSpec, load_checkpoint
+from diffusion_core.errors import CheckpointError, ConfigError
+from diffusion_core.guidance import NULL_LABEL
+from diffusion_core.training import (
+    TrainConfig,
+    TrainingDivergedError,
+    batch_rows,
+    build_train_state,
+    drop_labels,
+    load_training_checkpoint,
+    lr_factor,
+    read_training_step,
+    save_training_checkpoint,
+    train_step,
+)
+from diffusion_core.unet import UNetConfig
+from flows.config import load_config
+
+TINY_UNET = UNetConfig(image_size=8, in_channels=1, base_channels=8, channel_mult=(1,), num_res_blocks=1,
+                       attention_resolutions=(), num_heads=1, num_classes=10)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: the tests are tiny, and the shared 2-core machine is often busy."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_config(**overrides: object) -> TrainConfig:
+    base = dict(dataset="unused", unet=TINY_UNET, steps=8, batch_size=16, warmup_steps=2, lr=1e-3)
+    return TrainConfig(**{**base, **overrides})
+
+
+def tiny_spec(config: TrainConfig) -> ModelSpec:
+    data = DataSpec(image_size=8, channels=1, label_names=[str(i) for i in range(10)])
+    return ModelSpec(unet=config.unet, schedule=config.schedule, objective=config.objective, data=data)
+
+
+def fake_data(n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    return torch.rand(n, 1, 8, 8, generator=gen) * 2 - 1, torch.randint(0, 10, (n,), generator=gen)
+
+
+def run_steps(state, config: TrainConfig, images: torch.Tensor, labels: torch.Tensor, until: int) -> None:
+    while state.step < until:
+        rows = batch_rows(state.step, images.shape[0], config.batch_size, config.seed, rank=0)
+        train_step(state, config, images[rows], labels[rows])
+
+
+def test_lr_schedule_matches_warmup_and_cosine_closed_form() -> None:
+    warmup, total, r = 10, 110, 0.1
+    assert lr_factor(0, warmup, total, r) == pytest.approx(1 / 10)
+    assert lr_factor(9, warmup, total, r) == pytest.approx(1.0)
+    assert lr_factor(10, warmup, total, r) == pytest.approx(1.0)
+    assert lr_factor(60, warmup, total, r) == pytest.approx(r + (1 - r) * 0.5)  # cos(pi/2) = 0
+    assert lr_factor(35, warmup, total, r) == pytest.approx(r + (1 - r) * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert lr_factor(110, warmup, total, r) == pytest.approx(r)
+
+
+def test_each_epoch_is_a_seeded_permutation_of_the_shard() -> None:
+    num_rows, batch = 50, 8  # 6 full batches per epoch, 2 rows dropped
+    epoch0 = torch.cat([batch_rows(s, num_rows, batch, seed=3, rank=0) for s in range(6)])
+    epoch1 = torch.cat([batch_rows(s, num_rows, batch, seed=3, rank=0) for s in range(6, 12)])
+    assert len(set(epoch0.tolist())) == 48 and len(set(epoch1.tolist())) == 48
+    assert not torch.equal(epoch0, epoch1)
+    assert torch.equal(batch_rows(7, num_rows, batch, seed=3, rank=0), epoch1[8:16])
+    assert not torch.equal(batch_rows(0, num_rows, batch, seed=3, rank=1), epoch0[:8])
+
+
+def test_batch_larger_than_shard_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="batch_size"):
+        batch_rows(0, num_rows=10, batch_size=16, seed=0, rank=0)
+
+
+def test_label_dropout_rate_is_p() -> None:
+    n, p = 20_000, 0.1
+    dropped = drop_labels(torch.zeros(n, dtype=torch.long), p, torch.Generator().manual_seed(0))
+    rate = (dropped == NULL_LABEL).float().mean().item()
+    assert abs(rate - p) < 4 * math.sqrt(p * (1 - p) / n)  # 4 binomial standard deviations
+    assert set(dropped.unique().tolist()) == {0, NULL_LABEL}
+
+
+def test_config_rejects_bad_values_naming_the_field() -> None:
+    with pytest.raises(ConfigError, match="batch_size"):
+        load_config(TrainConfig, "train", overrides={"dataset": "d", "batch_size": 10, "num_workers": 3})
+    with pytest.raises(ConfigError, match="lr"):
+        load_config(TrainConfig, "train", overrides={"dataset": "d", "lr": -1.0})
+    with pytest.raises(ConfigError, match="nonsense"):
+        load_config(TrainConfig, "train", overrides={"dataset": "d", "nonsense": 1})
+
+
+def test_environment_fills_tracking_uri_and_ray_address() -> None:
+    env = {"MLFLOW_TRACKING_URI": "http://127.0.0.1:1", "RAY_ADDRESS": "ray://h:10001"}
+    config = load_config(TrainConfig, "train", overrides={"dataset": "d"}, environ=env)
+    assert (config.tracking_uri, config.ray_address) == ("http://127.0.0.1:1", "ray://h:10001")
+
+
+def test_non_finite_loss_skips_the_step_and_a_streak_stops_training() -> None:
+    config = tiny_config(max_consecutive_nonfinite=3)
+    state = build_train_state(config)
+    images, labels = fake_data(16)
+    before = {k: v.clone() for k, v in state.model.state_dict().items()}
+    bad = images.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    for _ in range(2):
+        assert train_step(state, config, bad, labels).skipped
+    assert all(torch.equal(before[k], v) for k, v in state.model.state_dict().items())
+    assert (state.step, state.nonfinite_total, state.nonfinite_streak, state.ema.num_updates) == (2, 2, 2, 0)
+    assert not train_step(state, config, images, labels).skipped  # a good step resets the streak
+    assert state.nonfinite_streak == 0
+    for _ in range(2):
+        train_step(state, config, bad, labels)
+    with pytest.raises(TrainingDivergedError, match="3 consecutive non-finite"):
+        train_step(state, config, bad, labels)
+
+
+def test_loss_falls_on_a_fixed_batch() -> None:
+    config = tiny_config(steps=60, lr=3e-3, warmup_steps=0, label_dropout=0.0)
+    state = build_train_state(config)
+    images, labels = fake_data(16)
+    losses = []
+    for _ in range(60):
+        # Same noise every step (seed fixed by resetting the step) so only the weights change.
+        state.step = 0
+        losses.append(train_step(state, config, images, labels).loss)
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_checkpoint_loads_through_diffusion_core_and_resume_is_exact(tmp_path: Path) -> None:
+    config = tiny_config(steps=8)
+    images, labels = fake_data(64)
+
+    straight = build_train_state(config)
+    run_steps(straight, config, images, labels, until=8)
+
+    first = build_train_state(config)
+    run_steps(first, config, images, labels, until=3)
+    path = save_training_checkpoint(tmp_path / "ckpt", first, config, tiny_spec(config))
+    loaded = load_checkpoint(path, use_ema=True)
+    assert loaded.spec.unet == TINY_UNET
+    assert read_training_step(path) == 3
+
+    resumed = build_train_state(config.model_copy(update={"seed": 99}))  # different init, overwritten
+    load_training_checkpoint(path, resumed)
+    assert resumed.step == 3 and resumed.ema.num_updates == 3
+    run_steps(resumed, config, images, labels, until=8)
+
+    for name, value in straight.model.state_dict().items():
+        assert (value - resumed.model.state_dict()[name]).abs().max().item() < 1e-6, name
+    for name, value in straight.ema.shadow.items():
+        assert (value - resumed.ema.shadow[name]).abs().max().item() < 1e-6, name
+
+
+def test_plain_model_checkpoint_is_not_a_training_checkpoint(tmp_path: Path) -> None:
+    from diffusion_core.checkpoint import save_checkpoint
+
+    config = tiny_config()
+    state = build_train_state(config)
+    path = save_checkpoint(tmp_path / "plain", state.model, tiny_spec(config), ema=state.ema)
+    with pytest.raises(CheckpointError, match="not a training checkpoint") as err:
+        load_training_checkpoint(path, state)
+    assert "warm_start" in err.value.hint
