@@ -7,6 +7,7 @@ command-line flags. Nested fields are addressed with dotted keys (`unet.base_cha
 
 from __future__ import annotations
 
+import copy
 import os
 import tomllib
 from collections.abc import Mapping
@@ -73,15 +74,26 @@ def load_config(
 
     `overrides` values of None mean "flag not given" and are ignored.
     """
-    file_data = read_config_file(path)
-    data = dict(file_data.get(section) or {})
+    data = read_config_file(path).get(section) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config: section {section!r} must be a mapping")
-    data.update(env_overrides(model, environ))
+    return build_config(model, data, section, overrides, environ)
+
+
+def build_config(
+    model: type[M],
+    data: Mapping[str, Any],
+    section: str,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> M:
+    """`model` from already-read file `data`, then the environment, then flag `overrides`."""
+    merged = copy.deepcopy(dict(data))
+    merged.update(env_overrides(model, environ))
     for key, value in (overrides or {}).items():
         if value is not None:
-            _set_dotted(data, key, value)
+            _set_dotted(merged, key, value)
     try:
-        return model.model_validate(data)
+        return model.model_validate(merged)
     except ValidationError as err:
         raise config_error_from(err, prefix=section) from None

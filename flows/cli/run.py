@@ -1,0 +1,156 @@
+"""`diffusion-pipeline run`: the whole pipeline on one machine, ending with pictures from the endpoint.
+
+prepare (built-in digits by default) -> train with a local Ray -> evaluate, register, gate in an
+MLflow SQLite store under the work dir -> deploy to Ray Serve on 127.0.0.1:8000 -> fetch a grid of
+generated images over HTTP. `--keep-serving` leaves the endpoint up until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from flows.cli import GlobalOptions
+from flows.config import build_config, read_config_file
+
+logger = logging.getLogger(__name__)
+
+# Config-file sections that PipelineConfig embeds, and the field each fills.
+_EMBEDDED_SECTIONS = {"prepare": "prepare", "train": "train", "evaluate": "evaluate",
+                      "registry": "registry", "serve": "serving"}
+
+
+def register(app: typer.Typer) -> None:
+    app.command("run")(run_command)
+
+
+def pipeline_config(overrides: dict[str, Any]):  # -> PipelineConfig
+    """PipelineConfig from the config file (section `pipeline` plus the stage sections), the
+    environment and `overrides` (None values are ignored)."""
+    from flows.pipeline import PipelineConfig
+
+    sections = read_config_file(GlobalOptions.config)
+    data: dict[str, Any] = dict(sections.get("pipeline") or {})
+    for section, field in _EMBEDDED_SECTIONS.items():
+        stage = dict(sections.get(section) or {})
+        if section == "prepare":  # the pipeline owns where data comes from and goes
+            data.setdefault("source", stage.pop("source", None) or "digits")
+            if "output" in stage:
+                data.setdefault("dataset_uri", stage.pop("output"))
+        if section == "train":
+            stage.pop("dataset", None)
+        if stage:
+            data[field] = {**stage, **(data.get(field) or {})}
+    return build_config(PipelineConfig, data, "pipeline", overrides)
+
+
+def run_command(
+    source: str | None = typer.Option(None, "--source", help="'digits' (built in) or a path: image "
+                                      "folder, .npy/.npz or .parquet."),
+    work_dir: str | None = typer.Option(None, "--work-dir", help="Where the dataset, checkpoints, "
+                                        "MLflow store and samples go (default ./diffusion-pipeline-work)."),
+    size: int | None = typer.Option(None, "--size", help="Image side after preparation."),
+    channels: int | None = typer.Option(None, "--channels", help="1 (grey) or 3 (RGB)."),
+    steps: int | None = typer.Option(None, "--steps", help="Training steps."),
+    num_workers: int | None = typer.Option(None, "--num-workers", help="Ray Train workers."),
+    model_name: str | None = typer.Option(None, "--model-name", help="Registered model name."),
+    tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="MLflow tracking URI."),
+    ray_address: str | None = typer.Option(None, "--ray-address", help="Ray cluster (default: local)."),
+    promotion_margin: float | None = typer.Option(None, "--promotion-margin",
+                                                  help="Relative FD improvement needed to become champion."),
+    eval_samples: int | None = typer.Option(None, "--eval-samples", help="Images generated to evaluate."),
+    force_train: bool | None = typer.Option(None, "--force-train", help="Train even if nothing changed."),
+    warm_start: bool | None = typer.Option(None, "--warm-start", help="Start from the champion's weights."),
+    port: int | None = typer.Option(None, "--port", help="Serve HTTP port (default 8000)."),
+    num_images: int = typer.Option(40, "--num-images", "-n", help="Images in the final grid."),
+    keep_serving: bool = typer.Option(False, "--keep-serving", help="Leave the endpoint up until Ctrl-C."),
+) -> None:
+    """Run the whole pipeline: prepare -> train -> evaluate/register -> serve -> sample grid."""
+    config = pipeline_config({
+        "source": source, "work_dir": work_dir, "prepare.size": size, "prepare.channels": channels,
+        "train.steps": steps, "train.num_workers": num_workers, "model_name": model_name,
+        "tracking_uri": tracking_uri, "ray_address": ray_address, "promotion_margin": promotion_margin,
+        "evaluate.num_samples": eval_samples, "force_train": force_train, "warm_start": warm_start,
+        "serving.port": port, "serve": True,
+    })
+    started = time.monotonic()
+    _start_ray(config.ray_address)
+    try:
+        from flows.pipeline import retrain
+
+        result = retrain(config)
+        grid = _fetch_grid(config, result, num_images)
+        _print_summary(config, result, grid, time.monotonic() - started)
+        if keep_serving:
+            typer.echo("serving; press Ctrl-C to stop")
+            _block()
+    finally:
+        _stop_ray()
+
+
+def _start_ray(address: str | None) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        # A local Ray with this machine's CPUs unless an address (or RAY_ADDRESS) says otherwise; it
+        # outlives training so that Serve can run in it.
+        ray.init(address=address, configure_logging=False, include_dashboard=False)
+
+
+def _stop_ray() -> None:
+    import ray
+    from ray import serve
+
+    if ray.is_initialized():
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+def _fetch_grid(config, result, num_images: int) -> Path:
+    """Generate `num_images` over HTTP (labels cycling through the classes when the model has them)
+    and save them as one PNG grid."""
+    from diffusion_core.images import make_grid, save_png
+    from serving.client import GenerationClient
+
+    url = result.served_url or config.serve_settings().url
+    with GenerationClient(url) as client:
+        info = client.model_info()
+        classes = info.get("num_classes")
+        labels = [i % classes for i in range(num_images)] if classes else None
+        generated = client.generate(num_images=num_images, labels=labels, seed=0)
+    path = config.work_path() / "samples" / f"{result.model_name}-v{result.version}.png"
+    images = generated.images
+    zoom = max(1, 32 // images.shape[1])  # 8x8 digits are unreadable at 1:1
+    images = images.repeat(zoom, axis=1).repeat(zoom, axis=2)
+    save_png(path, make_grid(images, nrow=10, padding=2))
+    return path
+
+
+def _print_summary(config, result, grid: Path, seconds: float) -> None:
+    status = "became champion" if result.became_champion else f"not promoted ({result.decision})"
+    typer.echo("")
+    typer.echo(f"model      {result.model_name} version {result.version}: {status}")
+    typer.echo("evaluation " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.metrics.items())))
+    typer.echo(f"samples    {grid}")
+    typer.echo(f"time       {seconds:.0f} s (dataset {'reused' if result.dataset_reused else 'prepared'}, "
+               f"{'trained' if result.trained else 'training skipped: unchanged'})")
+    url = result.served_url or config.serve_settings().url
+    typer.echo("")
+    typer.echo(f"MLflow UI: mlflow ui --backend-store-uri {config.resolved_tracking_uri()} --port 5000")
+    typer.echo(f"endpoint:  curl -s -X POST {url}/generate -H 'content-type: application/json' "
+               "-d '{\"num_images\": 4, \"seed\": 0}'")
+    typer.echo(f"           diffusion-pipeline generate --url {url} -n 16 --out samples/")
+
+
+def _block() -> None:
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        typer.echo("stopping")
