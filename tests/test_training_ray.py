@@ -136,21 +136,29 @@ def test_stopped_run_resumes_under_its_name_and_matches_an_uninterrupted_run(ray
     assert max(diffs.values()) < 1e-6, diffs
 
 
-def test_workers_on_two_nodes(fresh_ray_cluster, mlflow_store, digits, tmp_path) -> None:
+def test_prefect_flow_trains_on_two_nodes(fresh_ray_cluster, prefect_harness, mlflow_store, digits,
+                                          tmp_path) -> None:
     import ray
+
+    from flows.train import PREFECT_FLOW_RUN_TAG, train
 
     fresh_ray_cluster.add_node(num_cpus=2)  # one CPU for a worker, one for Ray Data's reads
     ray.init(address=fresh_ray_cluster.address)
     config = tiny_config(digits, tmp_path, mlflow_store, run_name="two-nodes", steps=8,
                          placement_strategy="STRICT_SPREAD", sample_steps=2)
-    result = run_training(config)
+    state = train(config, return_state=True)
+    result = state.result()
+    tags = MlflowClient().get_run(result.run_id).data.tags
+    assert tags[PREFECT_FLOW_RUN_TAG] == str(state.state_details.flow_run_id)
     node_ids = result.metrics["worker_node_ids"].split(",")
     assert len(node_ids) == 2 and node_ids[0] != node_ids[1]
     assert read_training_step(result.checkpoint_path) == 8
     assert json.loads((Path(result.checkpoint_path) / "spec.json").read_text())["unet"]["base_channels"] == 8
 
 
-def test_workers_that_leave_ray_data_no_cpu_are_refused(ray_local, mlflow_store, digits, tmp_path) -> None:
-    config = tiny_config(digits, tmp_path, mlflow_store, num_workers=2, cpus_per_worker=2)
+def test_requests_the_cluster_cannot_meet_are_refused(ray_local, mlflow_store, digits, tmp_path) -> None:
+    # Either would otherwise wait forever: Ray Data's reads need a free CPU; GPUs must exist.
     with pytest.raises(ConfigError, match="cpus_per_worker"):
-        run_training(config)
+        run_training(tiny_config(digits, tmp_path, mlflow_store, num_workers=2, cpus_per_worker=2))
+    with pytest.raises(ConfigError, match="use_gpu"):
+        run_training(tiny_config(digits, tmp_path, mlflow_store, use_gpu=True))

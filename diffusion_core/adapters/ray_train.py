@@ -41,7 +41,7 @@ from torch import Tensor
 
 from diffusion_core.checkpoint import DataSpec, ModelSpec
 from diffusion_core.data.manifest import DatasetManifest, read_manifest
-from diffusion_core.errors import ConfigError
+from diffusion_core.errors import CheckpointError, ConfigError
 from diffusion_core.images import encode_png, make_grid, to_uint8
 from diffusion_core.samplers import sample
 from diffusion_core.training import (
@@ -90,7 +90,7 @@ def run_training(config: TrainConfig, tags: dict[str, str] | None = None) -> Tra
     storage_path = resolve_storage_path(config.storage_path)
     started_ray = _ensure_ray(config.ray_address)
     try:
-        check_cpus_left_for_data(config)
+        check_cluster_resources(config)
         run_id = mlflow_tracking.start_or_resume_run(config, run_name, storage_path, manifest, tags)
         loop_config = {
             "config": config.model_dump(mode="json"),
@@ -113,16 +113,19 @@ def run_training(config: TrainConfig, tags: dict[str, str] | None = None) -> Tra
 def _finish(config: TrainConfig, run_id: str, run_name: str, result: ray.train.Result) -> TrainResult:
     from diffusion_core.adapters import mlflow_tracking
 
-    checkpoint_path = checkpoint_location(config.storage_path, result.checkpoint)
     metrics = dict(result.metrics or {})
-    diverged = bool(metrics.get("diverged"))
-    mlflow_tracking.finish_run(config, run_id, checkpoint_path, failed=diverged)
-    if diverged:
+    checkpoint_path = checkpoint_location(config.storage_path, result.checkpoint)
+    if metrics.get("diverged"):
+        mlflow_tracking.finish_run(config, run_id, checkpoint_path, failed=True)
         raise TrainingDivergedError(
             f"training diverged at step {metrics.get('step')}: {metrics.get('nonfinite_streak')} "
-            f"consecutive non-finite losses or gradients; last good checkpoint: {checkpoint_path}",
-            hint="lower lr or grad_clip and resume from that checkpoint (warm_start)",
+            "consecutive non-finite losses or gradients; last good checkpoint: "
+            f"{checkpoint_path or 'none (it diverged before the first checkpoint)'}",
+            hint="lower lr or grad_clip; resume from that checkpoint (warm_start) or start afresh",
         )
+    if checkpoint_path is None:
+        raise CheckpointError(f"training run {run_name!r} finished without reporting a checkpoint")
+    mlflow_tracking.finish_run(config, run_id, checkpoint_path)
     logger.info("training run %r finished: checkpoint %s, MLflow run %s", run_name, checkpoint_path, run_id)
     return TrainResult(checkpoint_path=checkpoint_path, run_id=run_id, run_name=run_name, metrics=metrics)
 
@@ -169,10 +172,10 @@ def resolve_storage_path(storage_path: str) -> str:
     return str(Path(storage_path).expanduser().resolve())
 
 
-def checkpoint_location(storage_path: str, checkpoint: ray.train.Checkpoint | None) -> str:
-    """The checkpoint as a path (local storage) or URI (remote storage)."""
+def checkpoint_location(storage_path: str, checkpoint: ray.train.Checkpoint | None) -> str | None:
+    """The checkpoint as a path (local storage) or URI (remote storage); None when there is none."""
     if checkpoint is None:
-        raise ConfigError("steps: the run reported no checkpoint; it must train at least one step")
+        return None
     if "://" in storage_path:
         return f"{storage_path.split('://', 1)[0]}://{checkpoint.path.lstrip('/')}"
     return checkpoint.path
@@ -197,10 +200,20 @@ def model_spec_for(config: TrainConfig, manifest: DatasetManifest) -> ModelSpec:
     return ModelSpec(unet=unet, schedule=config.schedule, objective=config.objective, data=data)
 
 
-def check_cpus_left_for_data(config: TrainConfig) -> None:
-    """Ray Data reads the dataset with CPU tasks; if the workers reserve every CPU of the cluster
-    those tasks never start and fit() hangs. Refuse that configuration up front."""
-    total = ray.cluster_resources().get("CPU", 0.0)
+def check_cluster_resources(config: TrainConfig) -> None:
+    """Refuse requests the cluster cannot meet instead of letting fit() wait forever: GPUs that
+    are not there, and workers that reserve every CPU (Ray Data reads the dataset with CPU tasks,
+    which would then never start)."""
+    resources = ray.cluster_resources()
+    if config.use_gpu:
+        gpus, needed = resources.get("GPU", 0.0), config.num_workers * config.gpus_per_worker
+        if gpus < needed:
+            raise ConfigError(
+                f"use_gpu: {config.num_workers} worker(s) x {config.gpus_per_worker} GPUs need {needed:g} "
+                f"GPUs; the Ray cluster has {gpus:g}",
+                hint="train with use_gpu=false (--cpu), or connect to a cluster with GPUs (ray_address)",
+            )
+    total = resources.get("CPU", 0.0)
     reserved = config.num_workers * config.cpus_per_worker
     if total - reserved < 1.0:
         raise ConfigError(
