@@ -69,7 +69,8 @@ class LocalNode:
 
 @dataclass
 class LocalRayCluster:
-    """A head plus `num_nodes - 1` worker nodes, `cpus_per_node` logical CPUs each.
+    """A head plus `num_nodes - 1` worker nodes, `cpus_per_node` logical CPUs each (`head_cpus`
+    on the head when given: it also runs the driver and Ray Data's read tasks).
 
     `address` (host:port of the head's GCS) is what a driver passes as RAY_ADDRESS.
     `dashboard_port` None leaves the dashboard off.
@@ -78,6 +79,7 @@ class LocalRayCluster:
     num_nodes: int = 2
     cpus_per_node: int = 1
     dashboard_port: int | None = None
+    head_cpus: int | None = None
     root: Path | None = None
     nodes: list[LocalNode] = field(default_factory=list)
     address: str = ""
@@ -123,13 +125,16 @@ class LocalRayCluster:
         if rc != 0:
             raise RuntimeError(f"ray start failed (rc={rc}): {log_path.read_text()[-3000:]}")
 
+    def _num_cpus(self, head: bool) -> int:
+        return self.head_cpus if head and self.head_cpus is not None else self.cpus_per_node
+
     def _node_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
         return {**env, **self._auth_env()}
 
     def _node_args(self, node: LocalNode, head: bool) -> list[str]:
         args = [
-            "--num-cpus", str(self.cpus_per_node), "--num-gpus", "0",
+            "--num-cpus", str(self._num_cpus(head)), "--num-gpus", "0",
             "--temp-dir", str(node.temp_dir), "--disable-usage-stats",
             "--node-ip-address", "127.0.0.1",
         ]
