@@ -91,7 +91,10 @@ class ServeSettings(BaseModel):
     max_ongoing_requests: int | None = Field(
         None, ge=1, description="model deployment; None -> 2 * max_images_per_batch (a running batch "
         "plus a full next one), since Serve's default of 5 would silently cap batches")
-    max_queued_requests: int = Field(64, ge=1, description="requests waiting beyond ongoing ones -> 503")
+    max_queued_requests: int = Field(
+        64, ge=1, description="model deployment: requests waiting beyond the ongoing ones, then 503. It "
+        "also bounds a burst of simultaneous arrivals (they queue briefly while being assigned), so keep "
+        "it at least the expected burst size")
     ingress_max_ongoing_requests: int = Field(256, ge=1)
 
     @model_validator(mode="after")

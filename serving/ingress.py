@@ -10,7 +10,6 @@ bad input, 401 for a missing or wrong token, 503 (with Retry-After) when the mod
 bounded queue is full.
 """
 
-from __future__ import annotations
 
 import asyncio
 import base64
@@ -34,7 +33,7 @@ from serving.batching import GenerationJob
 from serving.config import ServeSettings
 from serving.model_deployment import JobOutcome
 from serving.schemas import GenerateRequest, GenerateResponse, ModelInfo, Timings
-from serving.validation import limit_errors
+from serving.validation import effective_sampler, effective_steps, limit_errors
 
 logger = logging.getLogger(__name__)
 
@@ -134,9 +133,9 @@ class GenerationIngress:
         errors = limit_errors(request, self._settings)
         if errors:
             raise HTTPException(422, "; ".join(errors))
-        s = self._settings
+        settings = self._settings
         return GenerationJob(
-            steps=request.steps or s.default_steps, sampler=request.sampler or s.default_sampler,
+            steps=effective_steps(request, settings), sampler=effective_sampler(request, settings),
             guidance_scale=request.guidance_scale, eta=request.eta,
             seeds=draw_seeds(request.seed, request.num_images),
             labels=tuple(request.labels) if request.labels is not None else None,

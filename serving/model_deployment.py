@@ -28,6 +28,7 @@ import torch
 from ray import serve
 
 from diffusion_core.checkpoint import LoadedModel, load_checkpoint
+from diffusion_core.errors import ConfigError
 from serving.batching import GenerationJob, Run, largest_run_per_job, plan_runs, scatter_results
 from serving.config import ModelDeploymentConfig, ModelSelection
 from serving.schemas import ModelInfo, ModelRef
@@ -122,6 +123,17 @@ def sample_run(loaded: LoadedModel, run: Run) -> np.ndarray:
     return images.numpy()
 
 
+def sample_runs(loaded: LoadedModel, runs: list[Run]) -> list[np.ndarray | str]:
+    """Each run's images, or the sampler's ConfigError message for a run it refused."""
+    outputs: list[np.ndarray | str] = []
+    for run in runs:
+        try:
+            outputs.append(sample_run(loaded, run))
+        except ConfigError as err:
+            outputs.append(str(err))
+    return outputs
+
+
 def _replica_cpu_threads() -> int:
     """Torch threads = the CPUs Serve gave this replica (Ray sets OMP_NUM_THREADS=1 in workers)."""
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
@@ -144,10 +156,10 @@ class DiffusionModel:
         self._generate_batch.set_max_batch_size(config.max_images_per_batch)
         self._generate_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         async with self._swap_lock:
-            previous, self._config = self._config, config
-            if previous is not None and (previous.model, previous.device) == (config.model, config.device):
-                return
-            await self._swap_model(config)
+            self._config = config
+            served = self._served
+            if served is None or (served.selection, served.device) != (config.model, config.device):
+                await self._swap_model(config)
 
     async def _swap_model(self, config: ModelDeploymentConfig) -> None:
         self._last_load_error = None
@@ -177,21 +189,24 @@ class DiffusionModel:
     async def _generate_batch(self, pending: list[_Pending]) -> list[JobOutcome]:
         served = self._served  # a swap during this batch affects the next one
         started = time.perf_counter()
-        errors = [label_errors(p.job.labels, served.loaded.spec.unet.num_classes) for p in pending]
+        num_classes = served.loaded.spec.unet.num_classes
+        errors = ["; ".join(label_errors(p.job.labels, num_classes)) for p in pending]
         valid = [i for i, e in enumerate(errors) if not e]
         jobs = [pending[i].job for i in valid]
         runs = plan_runs(jobs, self._config.max_images_per_batch)
-        outputs = await asyncio.to_thread(self._sample_runs, served.loaded, runs)
+        outputs = await asyncio.to_thread(sample_runs, served.loaded, runs)
         sampling_s = time.perf_counter() - started
-        images = scatter_results(jobs, runs, outputs) if runs else []
+        done = [(run, out) for run, out in zip(runs, outputs, strict=True) if not isinstance(out, str)]
+        for run, out in zip(runs, outputs, strict=True):
+            if isinstance(out, str):  # a setting the sampler refused: fail only this run's jobs
+                for job_index, _ in run.slots:
+                    errors[valid[job_index]] = out
+        images = scatter_results(jobs, *zip(*done, strict=True)) if done else []
         sizes = largest_run_per_job(len(jobs), runs)
-        outcomes = [JobOutcome(served.ref, error="; ".join(e)) for e in errors]
+        outcomes = [JobOutcome(served.ref, error=e) for e in errors]
         for k, i in enumerate(valid):
-            outcomes[i] = JobOutcome(served.ref, images=images[k], queue_s=started - pending[i].arrived,
-                                     sampling_s=sampling_s, batch_images=sizes[k])
+            if not errors[i]:
+                outcomes[i] = JobOutcome(served.ref, images=images[k], queue_s=started - pending[i].arrived,
+                                         sampling_s=sampling_s, batch_images=sizes[k])
         logger.debug("batch: %d requests, %d runs, %.3fs", len(pending), len(runs), sampling_s)
         return outcomes
-
-    @staticmethod
-    def _sample_runs(loaded: LoadedModel, runs: list[Run]) -> list[np.ndarray]:
-        return [sample_run(loaded, run) for run in runs]

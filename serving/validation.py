@@ -8,14 +8,23 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from diffusion_core.samplers import SAMPLERS
 from serving.config import ServeSettings
 from serving.schemas import MAX_SEED, GenerateRequest
+
+
+def effective_steps(request: GenerateRequest, settings: ServeSettings) -> int:
+    return settings.default_steps if request.steps is None else request.steps
+
+
+def effective_sampler(request: GenerateRequest, settings: ServeSettings) -> str:
+    return settings.default_sampler if request.sampler is None else request.sampler
 
 
 def limit_errors(request: GenerateRequest, settings: ServeSettings) -> list[str]:
     """num_images, steps, their product (the per-request work cap) and seed range."""
     errors = []
-    n, steps = request.num_images, request.steps or settings.default_steps
+    n, steps = request.num_images, effective_steps(request, settings)
     if not 1 <= n <= settings.max_images_per_request:
         errors.append(f"num_images: {n} is out of range; accepted: 1..{settings.max_images_per_request}")
     if not 1 <= steps <= settings.max_steps:
@@ -25,6 +34,10 @@ def limit_errors(request: GenerateRequest, settings: ServeSettings) -> list[str]
                       f"accepted: <= {settings.max_work}")
     if request.seed is not None and request.seed + n - 1 > MAX_SEED:
         errors.append(f"seed: seed + num_images - 1 must fit in int64; accepted: 0..{MAX_SEED - n + 1}")
+    sampler = effective_sampler(request, settings)
+    if request.eta != 0.0 and not SAMPLERS[sampler].uses_eta:
+        users = ", ".join(name for name, spec in SAMPLERS.items() if spec.uses_eta)
+        errors.append(f"eta: only used by {users}; accepted: 0 for sampler {sampler!r}")
     if request.labels is not None and len(request.labels) != n:
         errors.append(f"labels: {len(request.labels)} labels for num_images={n}; accepted: exactly "
                       f"{n} labels (one per image) or null")

@@ -1,0 +1,360 @@
+"""The Serve app over real HTTP: one app on a local Ray (free port), shared by the module's tests.
+
+The model comes from a real MLflow registry (SQLite store in a temp dir): version 1 is a conditional
+10-class digits UNet (alias champion), version 2 an unconditional one that the hot-swap test switches
+to. Both are random-init with a non-zero output layer, so that images depend on the weights.
+Served images are compared with `LoadedModel.generate` called directly with the same seeds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from diffusion_core.checkpoint import DataSpec, ModelSpec, load_checkpoint, save_checkpoint
+from diffusion_core.images import decode_png
+from diffusion_core.objective import ObjectiveConfig
+from diffusion_core.schedule import ScheduleConfig
+from diffusion_core.unet import UNet, UNetConfig
+
+pytestmark = pytest.mark.slow
+
+MODEL = "serve-test-digits"
+API_KEY_ENV = "DIFFUSION_SERVE_TEST_KEY"
+API_KEY = "test-secret"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+STEPS = 4
+
+
+def free_port() -> int:
+    from conftest import free_port as conftest_free_port
+
+    return conftest_free_port()
+
+
+def make_checkpoint(path: Path, num_classes: int | None, seed: int) -> Path:
+    torch.manual_seed(seed)
+    config = UNetConfig.digits_default(num_classes=num_classes)
+    model = UNet(config)
+    torch.nn.init.normal_(model.conv_out.weight, std=0.05)  # zero-init would ignore the weights
+    names = [str(i) for i in range(num_classes)] if num_classes else None
+    spec = ModelSpec(unet=config, schedule=ScheduleConfig(), objective=ObjectiveConfig(),
+                     data=DataSpec(image_size=8, channels=1, label_names=names))
+    return save_checkpoint(path, model, spec)
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Versions 1 (conditional, champion, fd tag 1.5) and 2 (unconditional) of MODEL."""
+    import mlflow
+
+    from diffusion_core.adapters.mlflow_registry import log_and_register
+
+    root = tmp_path_factory.mktemp("serve_registry")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    # MLflow resolves a `models:/m-...` version source through the process-wide URI, whatever URI
+    # the client was given; the app itself is given `uri` explicitly.
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        return _register_versions(root, uri, log_and_register)
+    finally:
+        mlflow.set_tracking_uri(previous)
+        mlflow.set_registry_uri(previous)
+
+
+def _register_versions(root: Path, uri: str, log_and_register) -> dict:
+    from mlflow import MlflowClient
+
+    # named "checkpoint": download_checkpoint finds the artifact by that directory name
+    conditional = make_checkpoint(root / "v1" / "checkpoint", num_classes=10, seed=1)
+    unconditional = make_checkpoint(root / "v2" / "checkpoint", num_classes=None, seed=2)
+    v1 = log_and_register(conditional, model_name=MODEL, tracking_uri=uri, metrics={"fd": 1.5},
+                          lock_dir=root)
+    v2 = log_and_register(unconditional, model_name=MODEL, tracking_uri=uri, lock_dir=root)
+    MlflowClient(tracking_uri=uri, registry_uri=uri).set_registered_model_alias(MODEL, "champion", v1.version)
+    return {"uri": uri, "v1": v1.version, "v2": v2.version, "checkpoint_v1": conditional}
+
+
+@pytest.fixture(scope="module")
+def settings(registry: dict):
+    from serving.config import ServeSettings
+
+    return ServeSettings(
+        model_name=MODEL, alias="champion", tracking_uri=registry["uri"], port=free_port(),
+        api_key_env=API_KEY_ENV, max_images_per_request=16, max_steps=50, max_work=16 * 10,
+        default_steps=STEPS, max_images_per_batch=16, max_ongoing_requests=32, max_queued_requests=48,
+    )
+
+
+@pytest.fixture(scope="module")
+def server(_ray_session: None, settings) -> str:
+    """The app (declarative deploy, as `diffusion-pipeline serve` does it) -> its URL."""
+    import ray
+    from conftest import RAY_TEST_CPUS
+    from ray import serve
+
+    from serving import control
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=RAY_TEST_CPUS, include_dashboard=False, configure_logging=False)
+    base = control.load_serve_config()
+    app = base["applications"][0]
+    app["runtime_env"] = {"env_vars": {API_KEY_ENV: API_KEY}}
+    for deployment in app["deployments"]:
+        deployment["ray_actor_options"] = {"num_cpus": 1 if deployment["name"] == "DiffusionModel" else 0}
+    control.start_app(settings, base, timeout_s=240)
+    try:
+        yield settings.url
+    finally:
+        serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(registry: dict):
+    """The champion checkpoint loaded here, to generate the expected images directly."""
+    return load_checkpoint(registry["checkpoint_v1"])
+
+
+def expected(reference, seeds: list[int], labels: list[int] | None = None, steps: int = STEPS) -> np.ndarray:
+    return reference.generate(len(seeds), steps=steps, seeds=seeds, labels=labels).numpy()
+
+
+def post(url: str, payload: dict, headers: dict | None = AUTH) -> httpx.Response:
+    return httpx.post(f"{url}/generate", json=payload, headers=headers, timeout=120)
+
+
+async def post_many(url: str, payloads: list[dict], timeout: float = 300) -> list[httpx.Response]:
+    async with httpx.AsyncClient(timeout=timeout, headers=AUTH,
+                                 limits=httpx.Limits(max_connections=len(payloads) + 1)) as client:
+        return await asyncio.gather(*(client.post(f"{url}/generate", json=p) for p in payloads))
+
+
+# ------------------------------------------------------------------------------------ happy paths
+
+
+def test_healthz_and_model_info(server: str, registry: dict):
+    assert httpx.get(f"{server}/healthz", timeout=30).status_code == 200  # no token needed for probes
+    info = httpx.get(f"{server}/model", headers=AUTH, timeout=30).json()
+    assert (info["name"], info["version"], info["alias"]) == (MODEL, registry["v1"], "champion")
+    assert info["image_shape"] == [1, 8, 8] and info["num_classes"] == 10
+    assert info["label_names"] == [str(i) for i in range(10)]
+    assert info["metrics"]["fd"] == 1.5
+
+
+def test_array_output_matches_a_direct_sampler_call(server: str, reference, registry: dict):
+    response = post(server, {"num_images": 3, "seed": 11, "labels": [0, 5, 9], "format": "array"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    images = np.asarray(body["images"], dtype=np.float32)
+    assert images.shape == (3, 1, 8, 8) == tuple(body["shape"])
+    assert images.min() >= 0.0 and images.max() <= 1.0 and images.std() > 0.01
+    assert body["seeds"] == [11, 12, 13] and body["labels"] == [0, 5, 9]
+    assert body["model"] == {"name": MODEL, "version": registry["v1"], "alias": "champion"}
+    np.testing.assert_allclose(images, expected(reference, [11, 12, 13], [0, 5, 9]), atol=1e-4)
+    assert set(body["timings"]) == {"queue_s", "sampling_s", "total_s", "batch_images"}
+
+
+def test_png_output_is_the_rounded_array(server: str, reference):
+    body = post(server, {"num_images": 2, "seed": 3}).json()
+    pngs = np.stack([decode_png(base64.b64decode(p)) for p in body["images"]])
+    assert pngs.shape == (2, 8, 8, 1) and pngs.dtype == np.uint8
+    direct = np.rint(expected(reference, [3, 4]) * 255).transpose(0, 2, 3, 1)
+    assert np.abs(pngs.astype(int) - direct).max() <= 1  # rounding at a .5 boundary at most
+
+
+def test_random_seed_is_reported_and_reproduces_the_images(server: str):
+    first = post(server, {"num_images": 2, "format": "array"}).json()
+    seeds = first["seeds"]
+    assert seeds[1] == seeds[0] + 1
+    again = post(server, {"num_images": 2, "seed": seeds[0], "format": "array"}).json()
+    np.testing.assert_array_equal(np.asarray(first["images"]), np.asarray(again["images"]))
+
+
+def test_an_image_is_identical_alone_and_inside_a_merged_batch(server: str):
+    alone = post(server, {"num_images": 1, "seed": 7, "labels": [3], "format": "array"}).json()
+    assert alone["timings"]["batch_images"] == 1
+    payloads = [{"num_images": 1, "seed": 7, "labels": [3], "format": "array"},
+                {"num_images": 12, "seed": 100, "labels": [i % 10 for i in range(12)], "format": "array"},
+                *({"num_images": 1, "seed": 500 + i, "labels": [i], "format": "array"} for i in range(6))]
+    responses = asyncio.run(post_many(server, payloads))
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
+    merged = responses[0].json()
+    assert merged["timings"]["batch_images"] > 1  # it really shared a run
+    # equal up to float32 rounding (CPU kernels may sum in another order for another batch size);
+    # a different seed or a mixed-up slot differs by ~0.5
+    np.testing.assert_allclose(np.asarray(merged["images"]), np.asarray(alone["images"]), atol=1e-4)
+
+
+def test_32_concurrent_clients_all_get_their_own_images(server: str, reference):
+    payloads = [{"num_images": 1, "seed": 1000 + i, "labels": [i % 10], "format": "array"} for i in range(32)]
+    responses = asyncio.run(post_many(server, payloads))
+    assert [r.status_code for r in responses] == [200] * 32
+    bodies = [r.json() for r in responses]
+    assert [b["seeds"] for b in bodies] == [[1000 + i] for i in range(32)]
+    assert max(b["timings"]["batch_images"] for b in bodies) > 1
+    served = np.concatenate([np.asarray(b["images"], dtype=np.float32) for b in bodies])
+    direct = expected(reference, [1000 + i for i in range(32)], [i % 10 for i in range(32)])
+    np.testing.assert_allclose(served, direct, atol=1e-4)
+
+
+def test_mixed_samplers_in_one_burst_each_match_their_own_run(server: str, reference):
+    payloads = [{"num_images": 2, "seed": 40, "sampler": "ddim", "eta": 0.5, "format": "array"},
+                {"num_images": 2, "seed": 40, "sampler": "ddpm", "steps": 6, "format": "array"},
+                {"num_images": 2, "seed": 40, "guidance_scale": 3.0, "labels": [1, 2], "format": "array"}]
+    responses = asyncio.run(post_many(server, payloads))
+    assert [r.status_code for r in responses] == [200] * 3
+    ddim, ddpm, guided = (np.asarray(r.json()["images"], dtype=np.float32) for r in responses)
+    np.testing.assert_allclose(ddim, reference.generate(2, steps=STEPS, sampler="ddim", seeds=[40, 41],
+                                                        eta=0.5).numpy(), atol=1e-4)
+    np.testing.assert_allclose(ddpm, reference.generate(2, steps=6, sampler="ddpm", seeds=[40, 41]).numpy(),
+                               atol=1e-4)
+    np.testing.assert_allclose(guided, reference.generate(2, steps=STEPS, seeds=[40, 41], labels=[1, 2],
+                                                          guidance_scale=3.0).numpy(), atol=1e-4)
+
+
+def test_client_and_generate_cli_write_pngs_and_a_grid(server: str, tmp_path: Path):
+    from flows.cli import main
+    from serving.client import GenerationClient, GenerationError
+
+    with GenerationClient(server, api_key=API_KEY) as client:
+        result = client.generate(4, seed=5, labels=[1, 2, 3, 4])
+        assert result.images.shape == (4, 8, 8, 1) and result.seeds == [5, 6, 7, 8]
+        assert client.model_info()["name"] == MODEL and client.healthy()
+    with GenerationClient(server) as anonymous, pytest.raises(GenerationError) as err:
+        anonymous.generate(1)
+    assert err.value.status_code == 401
+    main(["generate", "--url", server, "-n", "5", "--seed", "0", "--out", str(tmp_path),
+          "--api-key", API_KEY, "--nrow", "4"])
+    pngs = sorted(p.name for p in tmp_path.glob("image_*.png"))
+    assert pngs == [f"image_{i:03d}_seed{i}.png" for i in range(5)]
+    grid = decode_png((tmp_path / "grid.png").read_bytes())
+    assert grid.shape == (2 * 9 + 1, 4 * 9 + 1, 1)  # 2 rows x 4 columns of 8x8 tiles, 1 px padding
+
+
+# ------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(("payload", "status", "field"), [
+    ({"sampler": "euler"}, 422, "sampler"),
+    ({"num_images": 0}, 422, "num_images: 0 is out of range; accepted: 1..16"),
+    ({"num_images": 17}, 422, "num_images: 17 is out of range; accepted: 1..16"),
+    ({"steps": 0}, 422, "steps: 0 is out of range; accepted: 1..50"),
+    ({"steps": 51}, 422, "steps: 51 is out of range; accepted: 1..50"),
+    ({"num_images": 16, "steps": 20}, 422, "work cap; accepted: <= 160"),
+    ({"num_images": 2, "labels": [1]}, 422, "labels: 1 labels for num_images=2"),
+    ({"num_images": 2, "labels": [1, 10]}, 422, "labels: [10] are not classes of this model; accepted: 0..9"),
+    ({"eta": 0.5}, 422, "eta: only used by ddim"),
+    ({"seed": -1}, 422, "seed"),
+    ({"format": "jpeg"}, 422, "format"),
+    ({"num_image": 2}, 422, "num_image"),
+])
+def test_bad_input_gets_4xx_naming_the_field(server: str, payload: dict, status: int, field: str):
+    response = post(server, payload)
+    assert response.status_code == status, response.text
+    assert field in response.json()["detail"]
+
+
+@pytest.mark.parametrize("body", ['{"guidance_scale": NaN}', '{"guidance_scale": Infinity}',
+                                  '{"guidance_scale": 1e400}'])
+def test_non_finite_guidance_is_rejected(server: str, body: str):
+    response = httpx.post(f"{server}/generate", content=body, timeout=30,
+                          headers={**AUTH, "Content-Type": "application/json"})
+    assert response.status_code == 422 and "guidance_scale" in response.json()["detail"]
+
+
+def test_non_json_body_is_a_400(server: str):
+    response = httpx.post(f"{server}/generate", content=b"num_images=3", timeout=30,
+                          headers={**AUTH, "Content-Type": "application/json"})
+    assert response.status_code == 400 and "JSON" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("headers", [None, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}])
+def test_missing_or_wrong_api_key_is_a_401(server: str, headers: dict | None):
+    assert post(server, {"num_images": 1}, headers=headers).status_code == 401
+    assert httpx.get(f"{server}/model", headers=headers, timeout=30).status_code == 401
+
+
+# -------------------------------------------------------------------------------------- overload
+
+
+def test_overload_gets_503_quickly_and_the_replica_survives(server: str, settings):
+    n = 240  # far more than max_ongoing_requests (32) + max_queued_requests (48)
+    started = time.perf_counter()
+
+    async def timed(client: httpx.AsyncClient, i: int) -> tuple[int, float]:
+        response = await client.post(f"{server}/generate", json={"num_images": 1, "seed": i, "steps": 10})
+        return response.status_code, time.perf_counter() - started
+
+    async def burst() -> list[tuple[int, float]]:
+        async with httpx.AsyncClient(timeout=300, headers=AUTH, limits=httpx.Limits(max_connections=n)) as c:
+            return await asyncio.gather(*(timed(c, i) for i in range(n)))
+
+    results = asyncio.run(burst())
+    codes = [code for code, _ in results]
+    assert set(codes) <= {200, 503}, codes
+    assert codes.count(503) >= n // 3
+    assert codes.count(200) >= 1
+    rejected_after = sorted(t for code, t in results if code == 503)
+    assert rejected_after[len(rejected_after) // 2] < 10.0  # turned away at once, not after a wait
+    assert httpx.get(f"{server}/healthz", timeout=30).status_code == 200
+    assert post(server, {"num_images": 1, "seed": 0}).status_code == 200
+
+
+# ------------------------------------------------------------------------------ hot swap (last)
+
+
+def test_hot_swap_under_load_drops_nothing(server: str, settings, registry: dict):
+    """deploy() switches the running app from v1 to v2 while 6 clients keep requesting."""
+    from flows.deploy import deploy
+
+    stop = threading.Event()
+    seen: list[tuple[int, str | None]] = []
+
+    async def client_loop(client: httpx.AsyncClient, k: int) -> None:
+        while not stop.is_set():
+            response = await client.post(f"{server}/generate", json={"num_images": 2, "seed": k})
+            version = response.json()["model"]["version"] if response.status_code == 200 else None
+            seen.append((response.status_code, version))
+
+    async def load() -> None:
+        async with httpx.AsyncClient(timeout=120, headers=AUTH) as client:
+            await asyncio.gather(*(client_loop(client, k) for k in range(6)))
+
+    worker = threading.Thread(target=lambda: asyncio.run(load()))
+    worker.start()
+    try:
+        time.sleep(1.0)
+        result = deploy.fn(MODEL, alias=None, version=registry["v2"], settings=settings)
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        worker.join(timeout=120)
+    assert result.action == "switched" and result.version == registry["v2"]
+    codes = [code for code, _ in seen]
+    assert codes and set(codes) == {200}, f"{len(codes) - codes.count(200)} failed of {len(codes)}"
+    versions = [v for _, v in seen]
+    assert registry["v1"] in versions and versions[-1] == registry["v2"]
+    info = httpx.get(f"{server}/model", headers=AUTH, timeout=30).json()
+    assert info["version"] == registry["v2"] and info["num_classes"] is None
+    # version 2 is unconditional: labels are now refused
+    response = post(server, {"num_images": 1, "labels": [3]})
+    assert response.status_code == 422 and "unconditional" in response.json()["detail"]
+    assert deploy.fn(MODEL, alias=None, version=registry["v2"], settings=settings).action == "unchanged"
+
+
+def test_deploy_without_a_running_app_does_nothing_unless_asked(server: str, settings, registry: dict):
+    from flows.deploy import deploy
+
+    other = settings.model_copy(update={"app_name": "not-deployed"})
+    result = deploy.fn(MODEL, alias="champion", settings=other)
+    assert result.action == "not_running" and result.version == registry["v1"]
