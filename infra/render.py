@@ -1,8 +1,9 @@
 """Render the KubeRay manifests from their two sources, so that neither is ever copied by hand.
 
 - infra/templates/ray-cluster-spec.yaml: the head and GPU worker group, shared by all three.
-- serving/serve_config.yaml: the project's one Serve config, embedded verbatim as the RayService's
-  serveConfigV2.
+- serving/serve_config.yaml: the project's one Serve config, the RayService's serveConfigV2 after
+  the cluster overrides of infra/templates/serve-cluster-overrides.yaml (listen on the pod
+  address, tracking URI from the environment, GPU replicas) are applied to it.
 
     python -m infra.render            # (re)write infra/k8s/ray{cluster,job,service}.yaml
     python -m infra.render --check    # exit 1 if a committed manifest differs from its rendering
@@ -25,6 +26,7 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_SPEC_PATH = REPO_ROOT / "infra" / "templates" / "ray-cluster-spec.yaml"
 SERVE_CONFIG_PATH = REPO_ROOT / "serving" / "serve_config.yaml"
+SERVE_OVERRIDES_PATH = REPO_ROOT / "infra" / "templates" / "serve-cluster-overrides.yaml"
 K8S_DIR = REPO_ROOT / "infra" / "k8s"
 
 API_VERSION = "ray.io/v1"
@@ -50,11 +52,54 @@ def load_cluster_spec(path: Path = CLUSTER_SPEC_PATH) -> dict[str, Any]:
     return yaml.safe_load(path.read_text())
 
 
-def read_serve_config(path: Path = SERVE_CONFIG_PATH) -> str:
-    """The Serve config text, as `serve deploy` / serveConfigV2 take it."""
+def read_serve_config(path: Path = SERVE_CONFIG_PATH) -> dict[str, Any]:
+    """The project's Serve config (what `serve deploy` takes) as a dict."""
     if not path.is_file():
         raise FileNotFoundError(f"Serve config {path} does not exist; the RayService embeds it")
-    return path.read_text()
+    return yaml.safe_load(path.read_text())
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any], where: str) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value, f"{where}.{key}")
+        else:
+            merged[key] = value
+    return merged
+
+
+def _merge_named(items: list[dict[str, Any]], overrides: dict[str, Any], where: str) -> list[dict[str, Any]]:
+    """Merge overrides keyed by `name` into a list of named mappings (applications, deployments)."""
+    names = [item["name"] for item in items]
+    unknown = sorted(set(overrides) - set(names))
+    if unknown:
+        raise ValueError(f"{where}: overrides name {unknown}, which the Serve config lacks; it has {names}")
+    return [_merge(item, overrides.get(item["name"], {}), f"{where}.{item['name']}") for item in items]
+
+
+def cluster_serve_config(config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`config` with the cluster `overrides` applied (applications and deployments by name)."""
+    overrides = copy.deepcopy(overrides)
+    app_overrides = overrides.pop("applications", {})
+    merged = _merge(config, overrides, "serve")
+    _merge_named(config["applications"], app_overrides, "applications")  # every name must exist
+    apps = []
+    for app in config["applications"]:
+        app_over = copy.deepcopy(app_overrides.get(app["name"], {}))
+        deployment_overrides = app_over.pop("deployments", {})
+        app = _merge(app, app_over, f"applications.{app['name']}")
+        if deployment_overrides:
+            app["deployments"] = _merge_named(app.get("deployments", []), deployment_overrides,
+                                              f"applications.{app['name']}.deployments")
+        apps.append(app)
+    merged["applications"] = apps
+    return merged
+
+
+def rayservice_serve_config() -> dict[str, Any]:
+    overrides = yaml.safe_load(SERVE_OVERRIDES_PATH.read_text())
+    return cluster_serve_config(read_serve_config(), overrides)
 
 
 def _metadata(name: str) -> dict[str, Any]:
@@ -81,11 +126,12 @@ def rayjob_manifest(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def rayservice_manifest(spec: dict[str, Any], serve_config: str) -> dict[str, Any]:
+def rayservice_manifest(spec: dict[str, Any], serve_config: dict[str, Any]) -> dict[str, Any]:
     """The Serve application, with zero-downtime upgrades when its config changes."""
+    text = yaml.safe_dump(serve_config, sort_keys=False, width=100)
     return {
         "apiVersion": API_VERSION, "kind": "RayService", "metadata": _metadata(SERVICE_NAME),
-        "spec": {"serveConfigV2": serve_config, "rayClusterConfig": copy.deepcopy(spec)},
+        "spec": {"serveConfigV2": text, "rayClusterConfig": copy.deepcopy(spec)},
     }
 
 
@@ -112,8 +158,8 @@ def _renderers() -> dict[str, tuple[Callable[[], dict[str, Any]], list[Path]]]:
         "raycluster.yaml": (lambda: raycluster_manifest(load_cluster_spec()), [CLUSTER_SPEC_PATH]),
         "rayjob.yaml": (lambda: rayjob_manifest(load_cluster_spec()), [CLUSTER_SPEC_PATH]),
         "rayservice.yaml": (
-            lambda: rayservice_manifest(load_cluster_spec(), read_serve_config()),
-            [CLUSTER_SPEC_PATH, SERVE_CONFIG_PATH],
+            lambda: rayservice_manifest(load_cluster_spec(), rayservice_serve_config()),
+            [CLUSTER_SPEC_PATH, SERVE_CONFIG_PATH, SERVE_OVERRIDES_PATH],
         ),
     }
 

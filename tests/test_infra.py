@@ -165,11 +165,56 @@ def test_kustomize_builds_every_resource_into_the_namespace() -> None:
 # ---------------------------------------------------------------- the Serve config, once
 
 
+def leaves(node: Any, path: tuple = ()) -> dict[tuple, Any]:
+    """Flatten a Serve config; list items are keyed by their `name` so that order does not matter."""
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items() for k, v in leaves(value, (*path, key)).items()}
+    if isinstance(node, list) and all(isinstance(i, dict) and "name" in i for i in node):
+        return {k: v for item in node for k, v in leaves(item, (*path, item["name"])).items()}
+    return {path: node}
+
+
+def override_leaves(overrides: dict[str, Any]) -> set[tuple]:
+    """The override keys in the flattened Serve config's terms (applications/deployments by name)."""
+    flat = leaves(overrides)
+    out = set()
+    for key in flat:
+        out.add(tuple(k for k in key if k != "deployments") if key[0] == "applications" else key)
+    return out
+
+
 def test_rayservice_serve_config_is_the_projects_serve_config() -> None:
+    """serveConfigV2 is serving/serve_config.yaml plus the declared cluster overrides, nothing else."""
     require(SERVE_CONFIG)
-    embedded = one("RayService")["spec"]["serveConfigV2"]
-    assert embedded == SERVE_CONFIG.read_text()
-    assert yaml.safe_load(embedded) == yaml.safe_load(SERVE_CONFIG.read_text())
+    project = yaml.safe_load(SERVE_CONFIG.read_text())
+    overrides = yaml.safe_load((INFRA / "templates" / "serve-cluster-overrides.yaml").read_text())
+    embedded = yaml.safe_load(one("RayService")["spec"]["serveConfigV2"])
+    assert embedded == render.cluster_serve_config(project, overrides)
+    ours, theirs = leaves(embedded), leaves(project)
+    assert set(ours) == set(theirs), "the cluster config must not add or drop settings"
+    changed = {k for k in ours if ours[k] != theirs[k]}
+    declared = {tuple(x for x in k if x != "deployments") for k in changed}
+    assert declared <= override_leaves(overrides)
+    # What the cluster needs: the proxy on the pod address, GPU model replicas, the tracking URI
+    # of the ConfigMap (null -> MLFLOW_TRACKING_URI), and the same applications and import paths.
+    assert embedded["http_options"]["host"] == "0.0.0.0"
+    assert [a["import_path"] for a in embedded["applications"]] == [
+        a["import_path"] for a in project["applications"]]
+    for app in embedded["applications"]:
+        assert app["args"].get("tracking_uri") is None
+        gpus = [d["ray_actor_options"].get("num_gpus", 0) for d in app["deployments"]]
+        assert max(gpus) >= 1 and app["args"]["device"].startswith("cuda")
+
+
+def test_serve_overrides_must_name_existing_applications() -> None:
+    project = {"applications": [{"name": "a", "import_path": "m:f", "deployments": [{"name": "D"}]}]}
+    with pytest.raises(ValueError, match="lacks"):
+        render.cluster_serve_config(project, {"applications": {"b": {"args": {}}}})
+    with pytest.raises(ValueError, match="lacks"):
+        render.cluster_serve_config(project, {"applications": {"a": {"deployments": {"E": {}}}}})
+    merged = render.cluster_serve_config(project, {"applications": {"a": {"deployments": {"D": {"x": 1}}}}})
+    assert merged["applications"][0]["deployments"] == [{"name": "D", "x": 1}]
+    assert project["applications"][0]["deployments"] == [{"name": "D"}], "input must not be mutated"
 
 
 def test_serve_import_paths_resolve() -> None:
@@ -232,6 +277,11 @@ def test_workers_poll_the_work_pool_of_prefect_yaml() -> None:
     project = yaml.safe_load(PREFECT_YAML.read_text())
     deployments = project["deployments"]
     assert {d["work_pool"]["name"] for d in deployments} == {POOL}
+    # The worker runs flows from the image's WORKDIR, where the Dockerfile copies the project.
+    workdir = re.findall(r"^WORKDIR (\S+)$", DOCKERFILE.read_text(), flags=re.M)[-1]
+    set_dir = "prefect.deployments.steps.set_working_directory"
+    pull_dirs = [step[set_dir]["directory"] for step in project.get("pull") or [] if set_dir in step]
+    assert pull_dirs == [workdir]
     for d in deployments:
         path, _, flow = d["entrypoint"].partition(":")
         assert (REPO / path).is_file(), d["entrypoint"]
@@ -386,8 +436,6 @@ def test_dockerfile_copies_existing_paths_runs_unprivileged_and_matches_torch() 
     for line in re.findall(r"^COPY (.+)$", text, flags=re.M):
         sources = [w for w in line.split()[:-1] if not w.startswith("--")]
         for source in sources:
-            if source == "prefect.yaml" and not PREFECT_YAML.is_file():
-                continue  # the lead's prefect.yaml lands separately
             assert (REPO / source).exists(), f"COPY source {source!r} missing"
     users = re.findall(r"^USER (\S+)$", text, flags=re.M)
     assert users and users[-1] not in {"root", "0"}
