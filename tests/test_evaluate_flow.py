@@ -60,7 +60,7 @@ def test_flow_evaluates_registers_and_gates(prefect_harness, mlflow_store, datas
     again = evaluate_and_register(models["random init"], dataset, eval_config, registry)
     assert again.decision.action == "rejected" and again.evaluation.fd == bad.evaluation.fd  # deterministic
     client = MlflowClient(mlflow_store.tracking_uri)
-    assert client.get_model_version_by_alias("digits", CHAMPION).version == good.version.version
+    assert str(client.get_model_version_by_alias("digits", CHAMPION).version) == good.version.version
     artifacts = [a.path for a in client.list_artifacts(good.version.run_id, "feature_classifier")]
     assert sorted(Path(a).name for a in artifacts) == ["meta.json", "weights.safetensors"]
     assert good.version.tags["eval_key"] == bad.version.tags["eval_key"]
@@ -83,4 +83,4 @@ def test_cli_evaluate_register_promote_rollback(mlflow_store, dataset, models, t
     out = capsys.readouterr().out
     assert "forced" in out and "rolled_back" in out
     champion = MlflowClient(mlflow_store.tracking_uri).get_model_version_by_alias("cli-digits", CHAMPION)
-    assert champion.version == "1"
+    assert str(champion.version) == "1"

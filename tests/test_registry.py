@@ -45,7 +45,7 @@ def _register(checkpoint: Path, name: str, uri: str, lock_dir: Path, fd: float |
 
 def _alias(uri: str, name: str, alias: str) -> str | None:
     try:
-        return MlflowClient(uri, uri).get_model_version_by_alias(name, alias).version
+        return str(MlflowClient(uri, uri).get_model_version_by_alias(name, alias).version)
     except mlflow.exceptions.MlflowException:
         return None
 

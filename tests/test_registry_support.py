@@ -15,7 +15,7 @@ from diffusion_core.objective import ObjectiveConfig, training_loss
 from diffusion_core.schedule import NoiseSchedule, ScheduleConfig
 from diffusion_core.unet import UNet, UNetConfig
 
-TINY_UNET = UNetConfig(image_size=8, in_channels=1, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+TINY_UNET = UNetConfig(image_size=8, in_channels=1, base_channels=8, channel_mult=(1,), num_res_blocks=1,
                        attention_resolutions=(), num_heads=1, num_classes=10)
 TINY_SCHEDULE = ScheduleConfig(name="cosine", num_timesteps=200)
 
@@ -28,7 +28,7 @@ def digits_in_model_space() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def make_checkpoint(directory: Path, train_steps: int, seed: int = 0, fingerprint: str = "digits-test",
-                    lr: float = 3e-3) -> Path:
+                    lr: float = 1e-3) -> Path:
     """A tiny class-conditional digits model, trained for `train_steps` Adam steps (0 = random init)."""
     torch.manual_seed(seed)
     model = UNet(TINY_UNET)
@@ -37,7 +37,7 @@ def make_checkpoint(directory: Path, train_steps: int, seed: int = 0, fingerprin
     optimiser = torch.optim.Adam(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     for _ in range(train_steps):
-        batch = torch.randint(0, len(images), (128,), generator=generator)
+        batch = torch.randint(0, len(images), (64,), generator=generator)
         loss = training_loss(model, images[batch], schedule, objective, labels=labels[batch],
                              generator=generator)
         optimiser.zero_grad()

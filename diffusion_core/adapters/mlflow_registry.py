@@ -187,9 +187,9 @@ def _info(mv: ModelVersion) -> ModelVersionInfo:
                             tags=dict(mv.tags or {}), run_id=mv.run_id)
 
 
-def _version_by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+def _version_by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersionInfo | None:
     try:
-        return client.get_model_version_by_alias(name, alias)
+        return _info(client.get_model_version_by_alias(name, alias))
     except MlflowException as err:
         if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
             return None
@@ -318,9 +318,9 @@ def log_and_register(
     version_tags = _version_tags(spec, run_id or active_run_id, tags, metrics)
     with registry_lock(_resolved_uri(tracking_uri), lock_dir):
         with_retries(lambda: _ensure_registered_model(client, model_name), "create_registered_model")
-        mv = with_retries(lambda: client.create_model_version(
+        mv = _info(with_retries(lambda: client.create_model_version(
             model_name, model_uri, run_id=active_run_id, tags=version_tags, model_id=model_id),
-            "create_model_version")
+            "create_model_version"))
         with_retries(lambda: client.set_registered_model_alias(model_name, CANDIDATE, mv.version), "alias")
     logger.info("registered %s version %s (candidate) from %s", model_name, mv.version, checkpoint_dir)
     return _info(client.get_model_version(model_name, mv.version))
@@ -328,16 +328,26 @@ def log_and_register(
 
 def resolve_version(name: str, alias: str, tracking_uri: str | None = None) -> ModelVersionInfo:
     """The version that `models:/<name>@<alias>` points to; RegistryError when there is none."""
-    mv = _version_by_alias(_client(tracking_uri), name, alias)
-    if mv is None:
+    info = _version_by_alias(_client(tracking_uri), name, alias)
+    if info is None:
         raise RegistryError(f"alias: model {name!r} has no version with alias {alias!r}",
                             hint=f"register a version (diffusion-pipeline register) or check the name; "
                                  f"aliases used here: {CANDIDATE}, {CHAMPION}, {PREVIOUS_CHAMPION}")
-    return _info(mv)
+    return info
 
 
 def get_version(name: str, version: str, tracking_uri: str | None = None) -> ModelVersionInfo:
     return _info(_client(tracking_uri).get_model_version(name, str(version)))
+
+
+def _checkpoint_artifact_path(model_dir: Path) -> str:
+    """Where MLflow put the `checkpoint` artifact inside a downloaded pyfunc model (artifacts/<dir name>)."""
+    flavor = mlflow.models.Model.load(str(model_dir / "MLmodel")).flavors.get("python_function", {})
+    artifact = flavor.get("artifacts", {}).get(ARTIFACT_NAME)
+    if artifact is None:
+        raise CheckpointError(f"model_uri: the model at {model_dir} has no {ARTIFACT_NAME!r} artifact; "
+                              "it was not logged by log_and_register")
+    return artifact["path"]
 
 
 def download_checkpoint(model_uri: str, dst: Path | None = None, tracking_uri: str | None = None) -> Path:
@@ -355,7 +365,7 @@ def download_checkpoint(model_uri: str, dst: Path | None = None, tracking_uri: s
     try:
         with _fluent_uri(tracking_uri):
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(staging)))
-        checkpoint = local / "artifacts" / ARTIFACT_NAME
+        checkpoint = local / _checkpoint_artifact_path(local)
         _read_spec(checkpoint)  # fail here, not at load time, if it is not a checkpoint
         target = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix="diffusion-checkpoint-"))
         if dst is None:
@@ -370,13 +380,13 @@ def download_checkpoint(model_uri: str, dst: Path | None = None, tracking_uri: s
 # ---------------------------------------------------------------------------------------- the gate
 
 
-def _float_tag(mv: ModelVersion | ModelVersionInfo, key: str) -> float | None:
-    value = (mv.tags or {}).get(key)
+def _float_tag(mv: ModelVersionInfo, key: str) -> float | None:
+    value = mv.tags.get(key)
     return None if value is None else float(value)
 
 
 def _champion_fd(
-    mv: ModelVersion, eval_key: str | None, reevaluate: Callable[[str], float] | None
+    mv: ModelVersionInfo, eval_key: str | None, reevaluate: Callable[[str], float] | None
 ) -> tuple[float, str]:
     """The champion's FD under the candidate's eval settings: the recorded number when its eval key
     matches, else a fresh evaluation (reevaluate(model_uri) -> fd)."""
@@ -392,7 +402,7 @@ def _champion_fd(
     return float(reevaluate(f"models:/{mv.name}/{mv.version}")), "re-evaluated"
 
 
-def _record(client: MlflowClient, mv: ModelVersion, decision: PromotionDecision, margin: float) -> None:
+def _record(client: MlflowClient, mv: ModelVersionInfo, decision: PromotionDecision, margin: float) -> None:
     """Decision and both numbers -> version tags, the version's run, the model's history tag."""
     tags = {"gate.decision": decision.action, "gate.reason": decision.reason, "gate.margin": repr(margin),
             "gate.champion_version": decision.previous_champion_version or "none",
@@ -460,7 +470,7 @@ def promote_if_better(
     otherwise `reevaluate_champion(model_uri) -> fd` is called (RegistryError if not given).
     """
     client = _client(tracking_uri)
-    candidate = client.get_model_version(name, str(version))
+    candidate = _info(client.get_model_version(name, str(version)))
     candidate_fd = candidate_fd if candidate_fd is not None else _float_tag(candidate, FD_TAG)
     eval_key = eval_key or candidate.tags.get(EVAL_KEY_TAG)
     with registry_lock(_resolved_uri(tracking_uri), lock_dir):
