@@ -1,0 +1,57 @@
+"""Scheduled retraining: prefect.yaml and `flow.serve` carry one deployment definition."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from diffusion_core.errors import ConfigError
+from flows.config import build_config
+from flows.pipeline import PipelineConfig
+from flows.schedule import (
+    ENTRYPOINT,
+    RetrainSchedule,
+    deployment_parameters,
+    render_prefect_yaml,
+    runner_deployment,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_committed_prefect_yaml_is_the_rendered_definition() -> None:
+    assert (ROOT / "prefect.yaml").read_text() == render_prefect_yaml(), (
+        "prefect.yaml is stale: regenerate with `python -m flows.schedule > prefect.yaml`")
+
+
+def test_prefect_yaml_points_at_the_flow_and_its_parameters_validate() -> None:
+    doc = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    (entry,) = doc["deployments"]
+    path, func = entry["entrypoint"].split(":")
+    assert entry["entrypoint"] == ENTRYPOINT and (ROOT / path).is_file()
+    from prefect.flows import load_flow_from_entrypoint
+
+    flow = load_flow_from_entrypoint(str(ROOT / ENTRYPOINT))
+    assert flow.name == "retrain" and func == "retrain"
+    # The scheduled parameters must be a valid PipelineConfig (they reach the flow as JSON).
+    assert PipelineConfig.model_validate(entry["parameters"]["config"]).serve is True
+    assert entry["schedules"][0]["cron"] == RetrainSchedule().cron
+
+
+def test_bad_cron_is_refused_naming_the_field() -> None:
+    with pytest.raises(ConfigError, match="schedule.cron"):
+        build_config(RetrainSchedule, {"cron": "every night"}, "schedule")
+    with pytest.raises(ConfigError, match="cron"):
+        build_config(RetrainSchedule, {"cron": "0 3 * *"}, "schedule")
+
+
+def test_runner_deployment_carries_schedule_and_parameters() -> None:
+    config = PipelineConfig(source="digits", work_dir="/data/work", train={"steps": 7})
+    deployment = runner_deployment(RetrainSchedule(cron="15 4 * * 1", timezone="Europe/Paris"), config)
+    assert deployment.name == "retrain-nightly"
+    (schedule,) = deployment.schedules
+    assert schedule.schedule.cron == "15 4 * * 1" and schedule.schedule.timezone == "Europe/Paris"
+    assert deployment.parameters == deployment_parameters(config)
+    assert PipelineConfig.model_validate(deployment.parameters["config"]) == config
