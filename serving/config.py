@@ -32,8 +32,8 @@ class ModelSelection(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    model_name: str = Field("diffusion-digits", min_length=1)
-    alias: str | None = Field("champion", description="registry alias; resolved when version is None")
+    model_name: str = Field(min_length=1)
+    alias: str | None = Field(None, description="registry alias; resolved when version is None")
     version: str | None = Field(None, description="pinned registry version (wins over alias)")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI; None -> MLflow's default")
     checkpoint_dir: str | None = Field(None, description="local checkpoint instead of the registry")
@@ -46,14 +46,15 @@ class ModelSelection(BaseModel):
 
 
 class ModelDeploymentConfig(BaseModel):
-    """The model deployment's Serve `user_config` (applied by `reconfigure`)."""
+    """The model deployment's Serve `user_config` (applied by `reconfigure`); built by
+    `ServeSettings.model_deployment_config`, which holds the defaults."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     model: ModelSelection
-    device: str = Field("cpu", description="torch device: cpu, cuda, cuda:0 ...")
-    max_images_per_batch: int = Field(32, ge=1, description="images in one reverse-sampling run")
-    batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=10.0)
+    device: str = Field(description="torch device: cpu, cuda, cuda:0 ...")
+    max_images_per_batch: int = Field(ge=1, description="images in one reverse-sampling run")
+    batch_wait_timeout_s: float = Field(ge=0.0, le=10.0)
 
 
 class ServeSettings(BaseModel):
@@ -87,7 +88,9 @@ class ServeSettings(BaseModel):
     default_sampler: Sampler = "dpmpp_2m"
     # Batching and back-pressure.
     max_images_per_batch: int = Field(32, ge=1)
-    batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=10.0)
+    batch_wait_timeout_s: float = Field(
+        0.05, ge=0.0, le=10.0, description="how long a batch waits to fill; under load, a longer wait "
+        "packs larger runs (measured in benchmarks/serve.py); an idle server adds it to latency")
     max_ongoing_requests: int | None = Field(
         None, ge=1, description="model deployment; None -> 2 * max_images_per_batch (a running batch "
         "plus a full next one), since Serve's default of 5 would silently cap batches")

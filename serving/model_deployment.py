@@ -180,7 +180,9 @@ class DiffusionModel:
 
     async def describe(self) -> ModelInfo:
         self.check_health()
-        return self._served.info.model_copy(update={"last_load_error": self._last_load_error})
+        replica = serve.get_replica_context().replica_id.unique_id
+        return self._served.info.model_copy(update={"last_load_error": self._last_load_error,
+                                                    "replica": replica})
 
     async def generate(self, job: GenerationJob) -> JobOutcome:
         return await self._generate_batch(_Pending(job, time.perf_counter()))

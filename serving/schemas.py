@@ -72,4 +72,5 @@ class ModelInfo(BaseModel):
     weights: str
     device: str
     loaded_at: float
+    replica: str = Field("", description="id of the Serve replica that answered (unchanged by a hot swap)")
     last_load_error: str | None = Field(None, description="a failed hot swap; the previous model is kept")

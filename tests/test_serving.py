@@ -97,12 +97,15 @@ def settings(registry: dict):
 
 
 @pytest.fixture(scope="module")
-def server(_ray_session: None, settings) -> str:
-    """The app (declarative deploy, as `diffusion-pipeline serve` does it) -> its URL."""
+def server(_ray_session: None, settings, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The app, started by the deploy task (declaratively, as `diffusion-pipeline serve` does) from
+    the packaged Serve config with test-sized actor options -> its URL."""
     import ray
+    import yaml
     from conftest import RAY_TEST_CPUS
     from ray import serve
 
+    from flows.deploy import deploy
     from serving import control
 
     if not ray.is_initialized():
@@ -112,8 +115,12 @@ def server(_ray_session: None, settings) -> str:
     app["runtime_env"] = {"env_vars": {API_KEY_ENV: API_KEY}}
     for deployment in app["deployments"]:
         deployment["ray_actor_options"] = {"num_cpus": 1 if deployment["name"] == "DiffusionModel" else 0}
-    control.start_app(settings, base, timeout_s=240)
+    serve_config = tmp_path_factory.mktemp("serve_config") / "serve_config.yaml"
+    serve_config.write_text(yaml.safe_dump(base))
     try:
+        result = deploy.fn(MODEL, alias="champion", settings=settings, start_if_not_running=True,
+                           serve_config=serve_config, timeout_s=240)
+        assert result.action == "started" and result.url == settings.url
         yield settings.url
     finally:
         serve.shutdown()
@@ -330,6 +337,7 @@ def test_hot_swap_under_load_drops_nothing(server: str, settings, registry: dict
         async with httpx.AsyncClient(timeout=120, headers=AUTH) as client:
             await asyncio.gather(*(client_loop(client, k) for k in range(6)))
 
+    replica_before = httpx.get(f"{server}/model", headers=AUTH, timeout=30).json()["replica"]
     worker = threading.Thread(target=lambda: asyncio.run(load()))
     worker.start()
     try:
@@ -346,6 +354,7 @@ def test_hot_swap_under_load_drops_nothing(server: str, settings, registry: dict
     assert registry["v1"] in versions and versions[-1] == registry["v2"]
     info = httpx.get(f"{server}/model", headers=AUTH, timeout=30).json()
     assert info["version"] == registry["v2"] and info["num_classes"] is None
+    assert info["replica"] == replica_before  # reconfigured in place, not replaced
     # version 2 is unconditional: labels are now refused
     response = post(server, {"num_images": 1, "labels": [3]})
     assert response.status_code == 422 and "unconditional" in response.json()["detail"]

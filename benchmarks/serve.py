@@ -1,0 +1,181 @@
+"""Throughput and latency of the Serve app for 1-image requests, batching on and off, against calling
+the sampler directly on the same batch size.
+
+    python benchmarks/serve.py [--steps 10] [--seconds 8] [--device cpu]
+
+For each mode (batching on: max_images_per_batch=32; off: 1) and concurrency (1, 8, 32 clients,
+each sending its next request when the previous answer arrives), it measures images/s and p50/p95
+latency over `--seconds`. "Direct" is `LoadedModel.generate` (diffusion_core.sample) in this process
+with the replica's thread count, at batch 1, 8 and 32; the serving efficiency is served images/s at
+concurrency c divided by direct images/s at batch c. The model is a random-init default digits UNet
+served from a local checkpoint (no registry), so the numbers are the cost of sampling plus serving.
+Writes benchmarks/results/serve.json with machine info and os.getloadavg() before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+
+from diffusion_core.checkpoint import DataSpec, LoadedModel, ModelSpec, load_checkpoint, save_checkpoint
+from diffusion_core.objective import ObjectiveConfig
+from diffusion_core.schedule import ScheduleConfig
+from diffusion_core.unet import UNet, UNetConfig
+from serving.config import ServeSettings
+
+logger = logging.getLogger("benchmarks.serve")
+RESULTS = Path(__file__).parent / "results" / "serve.json"
+CONCURRENCY = (1, 8, 32)
+MODES = {"batching_on": 32, "batching_off": 1}
+REPLICA_CPUS = 1
+
+
+def make_checkpoint(directory: Path) -> Path:
+    torch.manual_seed(0)
+    config = UNetConfig.digits_default()
+    spec = ModelSpec(unet=config, schedule=ScheduleConfig(), objective=ObjectiveConfig(),
+                     data=DataSpec(image_size=8, channels=1, label_names=[str(i) for i in range(10)]))
+    return save_checkpoint(directory / "checkpoint", UNet(config), spec)
+
+
+def percentile_ms(latencies: list[float], q: float) -> float:
+    return round(float(np.percentile(latencies, q)) * 1000, 2)
+
+
+async def closed_loop(url: str, concurrency: int, steps: int, seconds: float) -> dict[str, float]:
+    """`concurrency` clients, each sending 1-image requests back to back for `seconds`."""
+    latencies: list[float] = []
+    batch_sizes: list[int] = []
+    failures = 0
+    payload = {"num_images": 1, "steps": steps}
+
+    async def client_loop(client: httpx.AsyncClient, k: int, deadline: float) -> None:
+        nonlocal failures
+        i = 0
+        while time.perf_counter() < deadline:
+            start = time.perf_counter()
+            response = await client.post(f"{url}/generate", json={**payload, "seed": k * 100_000 + i})
+            i += 1
+            if response.status_code == 200:
+                latencies.append(time.perf_counter() - start)
+                batch_sizes.append(response.json()["timings"]["batch_images"])
+            else:
+                failures += 1
+
+    limits = httpx.Limits(max_connections=concurrency + 1)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        for _ in range(3):  # warm-up: connections, first batch
+            (await client.post(f"{url}/generate", json=payload)).raise_for_status()
+        started = time.perf_counter()
+        await asyncio.gather(*(client_loop(client, k, started + seconds) for k in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    return {"images_per_s": round(len(latencies) / elapsed, 2), "p50_ms": percentile_ms(latencies, 50),
+            "p95_ms": percentile_ms(latencies, 95), "requests": len(latencies), "failures": failures,
+            "mean_batch_images": round(float(np.mean(batch_sizes)), 2)}
+
+
+def direct_rate(loaded: LoadedModel, batch: int, steps: int, seconds: float) -> float:
+    """Images/s of LoadedModel.generate at batch size `batch` (what one sampler run costs)."""
+    loaded.generate(batch, steps=steps, seeds=list(range(batch)))  # warm-up
+    images, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds or images == 0:
+        loaded.generate(batch, steps=steps, seeds=list(range(images, images + batch)))
+        images += batch
+    return round(images / (time.perf_counter() - started), 2)
+
+
+def serve_mode(checkpoint: Path, max_images_per_batch: int, args: argparse.Namespace) -> dict[str, dict]:
+    from ray import serve
+
+    from serving import control
+
+    settings = ServeSettings(checkpoint_dir=str(checkpoint), port=args.port, device=args.device,
+                             max_images_per_batch=max_images_per_batch, max_ongoing_requests=64,
+                             batch_wait_timeout_s=args.batch_wait,
+                             max_queued_requests=128, default_steps=args.steps)
+    base = control.load_serve_config()
+    for deployment in base["applications"][0]["deployments"]:
+        model = deployment["name"] == "DiffusionModel"
+        deployment["ray_actor_options"] = {"num_cpus": REPLICA_CPUS if model else 0,
+                                           "num_gpus": 1 if model and args.device.startswith("cuda") else 0}
+    control.start_app(settings, base)
+    try:
+        results = {}
+        for concurrency in args.concurrency:
+            results[str(concurrency)] = asyncio.run(closed_loop(settings.url, concurrency, args.steps,
+                                                                args.seconds))
+            logger.info("batch<=%d concurrency %d: %s", max_images_per_batch, concurrency,
+                        results[str(concurrency)])
+        return results
+    finally:
+        serve.shutdown()
+
+
+def summarize(served: dict[str, dict], direct: dict[str, float]) -> dict[str, object]:
+    """Batching speedup at the highest concurrency, and served / direct images/s at each level."""
+    on, off = served["batching_on"], served["batching_off"]
+    top = max(on, key=int)
+    return {f"batching_speedup_at_{top}": round(on[top]["images_per_s"] / off[top]["images_per_s"], 2),
+            "served_over_direct": {c: round(on[c]["images_per_s"] / direct[c], 3) for c in on}}
+
+
+def machine_info() -> dict[str, object]:
+    return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "replica_cpus": REPLICA_CPUS, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available()
+            else None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--device", default="cpu")
+    default_wait = ServeSettings.model_fields["batch_wait_timeout_s"].default
+    parser.add_argument("--batch-wait", type=float, default=default_wait)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    import ray
+
+    loadavg_before = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = make_checkpoint(Path(tmp))
+        torch.set_num_threads(REPLICA_CPUS)
+        loaded = load_checkpoint(checkpoint, device=args.device)
+        direct = {str(b): direct_rate(loaded, b, args.steps, args.seconds / 2) for b in args.concurrency}
+        logger.info("direct images/s by batch size: %s", direct)
+        ray.init(num_cpus=max(2, REPLICA_CPUS + 1), include_dashboard=False, configure_logging=False,
+                 log_to_driver=False)
+        try:
+            served = {mode: serve_mode(checkpoint, size, args) for mode, size in MODES.items()}
+        finally:
+            ray.shutdown()
+    result = {
+        "benchmark": "serve", "steps": args.steps, "sampler": "dpmpp_2m",
+        "batch_wait_timeout_s": args.batch_wait, "seconds_per_level": args.seconds,
+        "request": "1 image, PNG response", "model": "random-init digits_default UNet",
+        "direct_images_per_s": direct, "served": served, "summary": summarize(served, direct),
+        "machine": machine_info(), "loadavg_before": loadavg_before, "loadavg_after": os.getloadavg(),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = args.out.with_suffix(".json.tmp")
+    tmp_out.write_text(json.dumps(result, indent=2) + "\n")
+    tmp_out.replace(args.out)
+    logger.info("summary: %s -> %s", result["summary"], args.out)
+
+
+if __name__ == "__main__":
+    main()
