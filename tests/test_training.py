@@ -174,3 +174,34 @@ def test_plain_model_checkpoint_is_not_a_training_checkpoint(tmp_path: Path) -> 
     with pytest.raises(CheckpointError, match="not a training checkpoint") as err:
         load_training_checkpoint(path, state)
     assert "warm_start" in err.value.hint
+
+
+def test_cli_reports_a_bad_flag_naming_the_field(capsys: pytest.CaptureFixture[str]) -> None:
+    from flows.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "some/dataset", "--batch-size", "10", "--num-workers", "3"])
+    assert exit_info.value.code == 2
+    assert "batch_size" in capsys.readouterr().err
+
+
+def test_warm_start_takes_the_weights_but_not_the_counters(tmp_path: Path) -> None:
+    from diffusion_core.training import load_weights
+
+    config = tiny_config()
+    images, labels = fake_data(64)
+    trained = build_train_state(config)
+    run_steps(trained, config, images, labels, until=3)
+    path = save_training_checkpoint(tmp_path / "champion", trained, config, tiny_spec(config))
+
+    fresh = build_train_state(config.model_copy(update={"seed": 5}))
+    load_weights(path, fresh)
+    assert fresh.step == 0 and fresh.ema.num_updates == 0
+    for name, value in trained.model.state_dict().items():
+        assert torch.equal(value, fresh.model.state_dict()[name])
+    for name, value in trained.ema.shadow.items():
+        assert torch.equal(value, fresh.ema.shadow[name])
+
+    other = tiny_config(unet=TINY_UNET.model_copy(update={"base_channels": 16}))
+    with pytest.raises(CheckpointError, match="warm_start"):
+        load_weights(path, build_train_state(other))
