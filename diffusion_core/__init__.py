@@ -1,9 +1,46 @@
 """diffusion_core: the math of denoising diffusion, the denoiser, and the data it learns from.
 
-Public API (see README): `NoiseSchedule`, `sample`, `UNet`, `UNetConfig`, `EMA`,
-`save_checkpoint`, `load_checkpoint`.
+Pure PyTorch / NumPy / PyArrow: Ray and MLflow appear only in `diffusion_core.adapters`.
+
+    from diffusion_core import NoiseSchedule, sample
+    sched = NoiseSchedule.create("cosine", num_timesteps=1000)
+    x0 = sample(model_fn, shape=(n, c, h, w), schedule=sched, sampler="dpmpp_2m", steps=20, seeds=[...])
 """
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from diffusion_core.checkpoint import DataSpec, LoadedModel, ModelSpec, load_checkpoint, save_checkpoint
+from diffusion_core.ema import EMA
+from diffusion_core.errors import CheckpointError, ConfigError, DatasetError, DiffusionPipelineError
+from diffusion_core.forward import q_posterior, q_sample, q_step
+from diffusion_core.guidance import NULL_LABEL
+from diffusion_core.objective import ObjectiveConfig, convert_prediction, training_loss
+from diffusion_core.samplers import SAMPLERS, sample
+from diffusion_core.schedule import NoiseSchedule, ScheduleConfig
+from diffusion_core.unet import UNet, UNetConfig
+
+__all__ = [
+    "EMA",
+    "NULL_LABEL",
+    "SAMPLERS",
+    "CheckpointError",
+    "ConfigError",
+    "DataSpec",
+    "DatasetError",
+    "DiffusionPipelineError",
+    "LoadedModel",
+    "ModelSpec",
+    "NoiseSchedule",
+    "ObjectiveConfig",
+    "ScheduleConfig",
+    "UNet",
+    "UNetConfig",
+    "convert_prediction",
+    "load_checkpoint",
+    "q_posterior",
+    "q_sample",
+    "q_step",
+    "sample",
+    "save_checkpoint",
+    "training_loss",
+]
