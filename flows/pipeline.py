@@ -36,10 +36,12 @@ from diffusion_core.adapters.mlflow_registry import (
 )
 from diffusion_core.adapters.ray_train import TrainResult
 from diffusion_core.data.config import PrepareConfig, PrepareParameters
+from diffusion_core.data.manifest import DatasetManifest
 from diffusion_core.data.prepare import PrepareResult
 from diffusion_core.errors import DiffusionPipelineError, config_error_from
-from diffusion_core.metrics import EvalConfig
+from diffusion_core.metrics import EvalConfig, EvalResult
 from diffusion_core.training import TrainConfig
+from diffusion_core.unet import UNetConfig
 from flows.deploy import DeployResult, deploy
 from flows.evaluate import EvaluateOutcome, evaluate_and_register
 from flows.prepare import prepare_dataset
@@ -142,11 +144,13 @@ class PipelineConfig(BaseModel):
         return self.serving.model_copy(update={"model_name": registry.model_name,
                                                "tracking_uri": registry.tracking_uri})
 
-    def train_config(self, dataset_uri: str, run_name: str, warm_start: str | None) -> TrainConfig:
+    def train_config(self, dataset: DatasetManifest, dataset_uri: str, run_name: str,
+                     warm_start: str | None) -> TrainConfig:
         fields: dict[str, Any] = {
             "storage_path": str(self.work_path() / "ray_results"),
             "artifact_location": (self.work_path() / "mlartifacts").as_uri(),
             **self.train,
+            "unet": unet_fields_for(dataset, self.train.get("unet") or {}),
             "dataset": dataset_uri,
             "run_name": run_name,
             "tracking_uri": self.resolved_tracking_uri(),
@@ -174,6 +178,16 @@ class PipelineResult(BaseModel):
     decision: str
     metrics: dict[str, float]
     served_url: str | None = None
+
+
+def unet_fields_for(dataset: DatasetManifest, given: dict[str, Any]) -> dict[str, Any]:
+    """UNet settings for `dataset`: the image size, channels and classes come from its manifest
+    unless `given` sets them; the rest from `given`, else the digits default for 8-pixel images
+    and UNetConfig's defaults otherwise. So `run --source my_images --size 32` needs no UNet config."""
+    num_classes = len(dataset.label_names) if dataset.label_names else None
+    base = UNetConfig.digits_default(num_classes).model_dump() if dataset.image_size <= 8 else {}
+    derived = {"image_size": dataset.image_size, "in_channels": dataset.channels, "num_classes": num_classes}
+    return {**base, **derived, **given}
 
 
 def training_key(dataset_fingerprint: str, train: TrainConfig) -> str:
@@ -246,7 +260,7 @@ def retrain(config: PipelineConfig | None = None) -> PipelineResult:
     fingerprint = dataset.manifest.fingerprint
 
     champion = run_stage("registry", current_champion, registry)
-    key = training_key(fingerprint, config.train_config(dataset.uri, "key", None))
+    key = training_key(fingerprint, config.train_config(dataset.manifest, dataset.uri, "key", None))
     if champion is not None and champion.tags.get(TRAIN_KEY_TAG) == key and not config.force_train:
         log.info("data %s and training config match champion v%s: skipping training",
                  fingerprint[:12], champion.version)
@@ -254,7 +268,8 @@ def retrain(config: PipelineConfig | None = None) -> PipelineResult:
     else:
         warm = (run_stage("warm-start", champion_checkpoint, champion, registry, config.work_path())
                 if config.warm_start and champion is not None else None)
-        train_cfg = config.train_config(dataset.uri, _run_name(key, config.force_train), warm)
+        run_name = _run_name(key, config.force_train)
+        train_cfg = config.train_config(dataset.manifest, dataset.uri, run_name, warm)
         trained: TrainResult = run_stage("train", train_task, train_cfg)
         outcome: EvaluateOutcome = run_stage(
             "evaluate", evaluate_and_register, Path(trained.checkpoint_path), dataset.uri,
@@ -277,8 +292,9 @@ def retrain(config: PipelineConfig | None = None) -> PipelineResult:
 
 def _unchanged_result(config: PipelineConfig, dataset: PrepareResult,
                       champion: ModelVersionInfo) -> PipelineResult:
-    metrics = {k.removeprefix("eval_"): float(v) for k, v in champion.tags.items()
-               if k in {"fd", "precision", "recall", "class_entropy"} and _is_float(v)}
+    # The champion's recorded evaluation: version tags named like EvalResult.as_metrics() keys.
+    names = {f"eval_{field}" for field in EvalResult.model_fields}
+    metrics = {k: float(v) for k, v in champion.tags.items() if k in names and _is_float(v)}
     return PipelineResult(
         dataset_uri=dataset.uri, dataset_fingerprint=dataset.manifest.fingerprint,
         dataset_reused=dataset.reused, trained=False, training_run_id=None, checkpoint_path=None,
