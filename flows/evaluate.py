@@ -85,10 +85,12 @@ def evaluate_checkpoint(checkpoint_dir: Path, reference: ReferenceData, extracto
 @task(name="register-version", cache_policy=NO_CACHE)
 def register_version(checkpoint_dir: Path, evaluation: EvalResult, eval_config: EvalConfig,
                      registry: RegistryConfig, extractor: FeatureExtractor,
-                     training_run_id: str | None) -> ModelVersionInfo:
+                     training_run_id: str | None, extra_tags: dict[str, str] | None = None,
+                     ) -> ModelVersionInfo:
     version = log_and_register(
         checkpoint_dir, model_name=registry.model_name, tracking_uri=registry.tracking_uri,
-        run_id=training_run_id, tags=eval_tags(evaluation, eval_config), metrics=evaluation.as_metrics(),
+        run_id=training_run_id, tags={**eval_tags(evaluation, eval_config), **(extra_tags or {})},
+        metrics=evaluation.as_metrics(),
         experiment_name=registry.experiment_name, device=registry.device, lock_dir=registry.lock_dir)
     if extractor.directory is not None and version.run_id:
         log_directory(version.run_id, extractor.directory, "feature_classifier", registry.tracking_uri)
@@ -127,15 +129,19 @@ def evaluate_and_register(
     training_run_id: str | None = None,
     run_gate: bool = True,
     force: bool = False,
+    extra_tags: dict[str, str] | None = None,
 ) -> EvaluateOutcome:
-    """Evaluate `checkpoint_dir` on `dataset_uri`, register it, and (run_gate) try to promote it."""
+    """Evaluate `checkpoint_dir` on `dataset_uri`, register it, and (run_gate) try to promote it.
+
+    extra_tags are added to the version (the pipeline adds its training key and flow run id).
+    """
     eval_config = eval_config or EvalConfig()
     registry_config = registry_config or RegistryConfig()
     reference = load_reference(dataset_uri)
     extractor = feature_extractor_task(reference, eval_config)
     evaluation = evaluate_checkpoint(Path(checkpoint_dir), reference, extractor, eval_config)
     version = register_version(Path(checkpoint_dir), evaluation, eval_config, registry_config, extractor,
-                               training_run_id)
+                               training_run_id, extra_tags)
     decision = None
     if run_gate:
         decision = gate(version, evaluation, reference, extractor, eval_config, registry_config, force)
