@@ -316,7 +316,9 @@ def log_and_register(
         if metrics:
             mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
     version_tags = _version_tags(spec, run_id or active_run_id, tags, metrics)
-    with registry_lock(_resolved_uri(tracking_uri), lock_dir):
+    # The registry store resolves the `models:/m-...` source through MLflow's *global* tracking
+    # URI, so it must point at this store too, not only `client`.
+    with registry_lock(_resolved_uri(tracking_uri), lock_dir), _fluent_uri(tracking_uri):
         with_retries(lambda: _ensure_registered_model(client, model_name), "create_registered_model")
         mv = _info(with_retries(lambda: client.create_model_version(
             model_name, model_uri, run_id=active_run_id, tags=version_tags, model_id=model_id),
