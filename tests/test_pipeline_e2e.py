@@ -39,13 +39,12 @@ def tiny_config(work_dir: Path, port: int, serve: bool) -> PipelineConfig:
     )
 
 
-async def _trigger_through_deployment(config: PipelineConfig):
+async def _trigger_through_deployment(deployment):
     from prefect.client.orchestration import get_client
     from prefect.runner import Runner
 
     runner = Runner(name="e2e-runner", query_seconds=1, limit=1, pause_on_shutdown=False)
-    schedule = RetrainSchedule(deployment_name="e2e-nightly", cron="0 3 * * *")
-    deployment_id = await runner.aadd_deployment(runner_deployment(schedule, config))
+    deployment_id = await runner.aadd_deployment(deployment)
     async with get_client() as client:
         stored = await client.read_deployment(deployment_id)
         flow_run = await client.create_flow_run_from_deployment(deployment_id)
@@ -62,7 +61,9 @@ def e2e_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def first_run(e2e_dir: Path, prefect_harness: None):
     config = tiny_config(e2e_dir, free_port(), serve=False)
-    stored, flow_run = asyncio.run(_trigger_through_deployment(config))
+    # Built outside the event loop: Prefect's to_deployment returns a coroutine inside one.
+    deployment = runner_deployment(RetrainSchedule(deployment_name="e2e-nightly", cron="0 3 * * *"), config)
+    stored, flow_run = asyncio.run(_trigger_through_deployment(deployment))
     return config, stored, flow_run
 
 
