@@ -1,6 +1,6 @@
 """Training throughput and quality: Ray Train with 1 and 2 workers, and a plain diffusers loop.
 
-    python benchmarks/train.py [--steps-2w 300] [--skip-diffusers]
+    python -m benchmarks.train [--steps-2w 300] [--skip-diffusers]
 
 1. The DEFAULT TrainConfig on the built-in digits (one worker): wall time (start-up included),
    images/s, and the quality of 1,000 EMA samples (dpmpp_2m, 20 steps) judged by a digit

@@ -1,6 +1,7 @@
 """GPU training throughput: the Ray Train path with use_gpu=True (NCCL backend, bf16 autocast).
 
-    python benchmarks/train_gpu.py [--steps 3000] [--batch-size 512] [--num-workers 1] [--compile]
+    PYTHONPATH=. python benchmarks/train_gpu.py [--steps 3000] [--batch-size 512] [--num-workers 1]
+        [--compile]
 
 Prepares the built-in digits in a temp dir, trains with the default model for `--steps` steps (about
 a minute on one H100/H200) and writes benchmarks/results/train_gpu.json with images/s, the device
