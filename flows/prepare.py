@@ -91,4 +91,5 @@ def prepare_dataset(config: PrepareConfig) -> PrepareResult:
         result = write_dataset.with_options(refresh_cache=True)(config, source_fingerprint)
         cache_hit = False
     publish_artifacts(result, cache_hit)
-    return result
+    # A cache hit means the identical dataset is already published: report it as reused.
+    return result.model_copy(update={"reused": True}) if cache_hit else result

@@ -83,7 +83,7 @@ def test_triggered_run_executes_every_stage(first_run) -> None:
     assert manifest.counts["train"] + manifest.counts["val"] == 1797
     client = mlflow.MlflowClient(config.resolved_tracking_uri())
     champion = client.get_model_version_by_alias("e2e-digits", "champion")
-    assert champion.version == "1" and champion.tags[TRAIN_KEY_TAG]
+    assert str(champion.version) == "1" and champion.tags[TRAIN_KEY_TAG]
     assert champion.tags["dataset_fingerprint"] == manifest.fingerprint
     assert float(champion.tags["eval_fd"]) > 0
     run = client.get_run(champion.tags["training_run_id"])

@@ -34,6 +34,7 @@ def test_flow_caches_second_run_and_publishes_artifacts(prefect_harness, tmp_pat
         second = prepare_dataset(config)
         second_summary = summary_rows()
     assert second.manifest == first.manifest == read_manifest(str(tmp_path / "ds"))
+    assert not first.reused and second.reused
     assert {"item": "prefect cache", "value": "miss"} in first_summary
     assert {"item": "prefect cache", "value": "hit"} in second_summary
     assert {"item": "fingerprint", "value": first.manifest.fingerprint} in second_summary
