@@ -108,19 +108,5 @@ def _current(app_name: str) -> ModelInfo:
     return serve.get_deployment_handle(MODEL_DEPLOYMENT, app_name).describe.remote().result(timeout_s=60)
 
 
-@task(name="deploy-model", cache_policy=NO_CACHE)
-def deploy(
-    model_name: str,
-    alias: str | None = "champion",
-    version: str | None = None,
-    *,
-    settings: ServeSettings | None = None,
-    start_if_not_running: bool = False,
-    ray_address: str | None = None,
-    serve_config: str | Path = SERVE_CONFIG_PATH,
-    timeout_s: float = 300.0,
-) -> DeployResult:
-    """Prefect task around `deploy_model` (same arguments)."""
-    return deploy_model(model_name, alias, version, settings=settings,
-                        start_if_not_running=start_if_not_running, ray_address=ray_address,
-                        serve_config=serve_config, timeout_s=timeout_s)
+# The Prefect task is the same function: one signature, one docstring.
+deploy = task(name="deploy-model", cache_policy=NO_CACHE)(deploy_model)
