@@ -29,9 +29,14 @@ def describe_validation_error(err: ValidationError, prefix: str = "") -> str:
     """One line per problem, each naming the field by its dotted path: `train.lr: ...`."""
     parts = []
     for e in err.errors():
+        cause = (e.get("ctx") or {}).get("error")
+        if isinstance(cause, ConfigError):  # a validator that already names its field
+            parts.append(str(cause))
+            continue
         loc = ".".join(str(p) for p in e["loc"])
         field = f"{prefix}.{loc}" if prefix and loc else (prefix or loc or "<root>")
-        parts.append(f"{field}: {e['msg']} (got {e.get('input')!r})")
+        got = f" (got {e.get('input')!r})" if loc else ""
+        parts.append(f"{field}: {e['msg'].removeprefix('Value error, ')}{got}")
     return "; ".join(parts)
 
 
