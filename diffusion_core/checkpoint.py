@@ -19,7 +19,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Self
 
@@ -118,9 +118,19 @@ def spec_from_json(text: str | bytes) -> ModelSpec:
 # ---------------------------------------------------------------------------------------------- save
 
 
-def save_checkpoint(directory: str | Path, model: nn.Module, spec: ModelSpec, ema: EMA | None = None) -> Path:
+def save_checkpoint(
+    directory: str | Path,
+    model: nn.Module,
+    spec: ModelSpec,
+    ema: EMA | None = None,
+    extra: Callable[[Path], None] | None = None,
+) -> Path:
     """Write model (+ EMA) weights and spec.json to `directory`, atomically replacing any previous
-    checkpoint there. Accepts DDP / torch.compile wrapped models. Returns the directory path."""
+    checkpoint there. Accepts DDP / torch.compile wrapped models. Returns the directory path.
+
+    `extra(tmp_dir)` may add more files (e.g. training state) to the checkpoint before it is
+    published, so that they appear together with the weights or not at all.
+    """
     directory = Path(directory)
     net = unwrap_model(model)
     _check_model_matches_spec(net, spec)
@@ -130,6 +140,8 @@ def save_checkpoint(directory: str | Path, model: nn.Module, spec: ModelSpec, em
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
+        if extra is not None:
+            extra(tmp)
         _write_contents(tmp, net, spec, ema)
         _replace_directory(tmp, directory)
     except BaseException:
