@@ -41,7 +41,7 @@ def test_prefect_yaml_points_at_the_flow_and_its_parameters_validate() -> None:
 
 
 def test_bad_cron_is_refused_naming_the_field() -> None:
-    with pytest.raises(ConfigError, match="schedule.cron"):
+    with pytest.raises(ConfigError, match=r"schedule\.cron"):
         build_config(RetrainSchedule, {"cron": "every night"}, "schedule")
     with pytest.raises(ConfigError, match="cron"):
         build_config(RetrainSchedule, {"cron": "0 3 * *"}, "schedule")
