@@ -16,6 +16,7 @@ from diffusion_core.data.config import PrepareConfig
 from diffusion_core.data.manifest import read_manifest
 from diffusion_core.data.prepare import prepare
 from diffusion_core.data.readers import load_split
+from diffusion_core.data.sources import NO_LABEL
 from diffusion_core.data.transforms import conform_image
 from diffusion_core.errors import DatasetError
 
@@ -34,44 +35,61 @@ def png_bytes(pixels: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_folder(tmp: Path, images: np.ndarray, labels: np.ndarray) -> str:
-    for i, (pixels, label) in enumerate(zip(images, labels, strict=True)):
-        folder = tmp / "folder" / f"class_{label}"
+def write_folder(tmp: Path, images: np.ndarray, labels: np.ndarray | None) -> str:
+    """Labelled: one sub-folder per class; unlabelled: every image at the top level."""
+    for i, pixels in enumerate(images):
+        folder = tmp / "folder" / (f"class_{labels[i]}" if labels is not None else "")
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(pixels).save(folder / f"{i:03d}.png")
     return str(tmp / "folder")
 
 
-def write_npz(tmp: Path, images: np.ndarray, labels: np.ndarray) -> str:
-    np.savez(tmp / "data.npz", images=images, labels=labels)
+def write_npy(tmp: Path, images: np.ndarray, labels: np.ndarray | None) -> str:
+    assert labels is None, "a .npy file holds one array: images only"
+    np.save(tmp / "data.npy", images)
+    return str(tmp / "data.npy")
+
+
+def write_npz(tmp: Path, images: np.ndarray, labels: np.ndarray | None) -> str:
+    arrays = {"images": images} if labels is None else {"images": images, "labels": labels}
+    np.savez(tmp / "data.npz", **arrays)
     return str(tmp / "data.npz")
 
 
-def write_parquet_png(tmp: Path, images: np.ndarray, labels: np.ndarray) -> str:
-    table = pa.table({"image": [png_bytes(p) for p in images], "label": labels})
-    pq.write_table(table, tmp / "png.parquet")
+def parquet_table(image_column: pa.Array | list, labels: np.ndarray | None) -> pa.Table:
+    """An image column plus a `label` column, or no label column at all when unlabelled."""
+    columns = {"image": image_column} if labels is None else {"image": image_column, "label": labels}
+    return pa.table(columns)
+
+
+def write_parquet_png(tmp: Path, images: np.ndarray, labels: np.ndarray | None) -> str:
+    pq.write_table(parquet_table([png_bytes(p) for p in images], labels), tmp / "png.parquet")
     return str(tmp / "png.parquet")
 
 
-def write_parquet_lists(tmp: Path, images: np.ndarray, labels: np.ndarray) -> str:
-    table = pa.table({"image": [p.tolist() for p in images], "label": labels})
-    pq.write_table(table, tmp / "lists.parquet")
+def write_parquet_lists(tmp: Path, images: np.ndarray, labels: np.ndarray | None) -> str:
+    pq.write_table(parquet_table([p.tolist() for p in images], labels), tmp / "lists.parquet")
     return str(tmp / "lists.parquet")
 
 
-def write_parquet_tensor(tmp: Path, images: np.ndarray, labels: np.ndarray) -> str:
+def write_parquet_tensor(tmp: Path, images: np.ndarray, labels: np.ndarray | None) -> str:
     tensors = pa.FixedShapeTensorArray.from_numpy_ndarray(images)
-    pq.write_table(pa.table({"image": tensors, "label": labels}), tmp / "tensor.parquet")
+    pq.write_table(parquet_table(tensors, labels), tmp / "tensor.parquet")
     return str(tmp / "tensor.parquet")
 
 
-LABELLED_SOURCES: dict[str, Callable[[Path, np.ndarray, np.ndarray], str]] = {
+SourceWriter = Callable[[Path, np.ndarray, np.ndarray | None], str]
+SOURCES: dict[str, SourceWriter] = {
     "image_folder": write_folder,
+    "npy": write_npy,
     "npz": write_npz,
     "parquet_png": write_parquet_png,
     "parquet_nested_lists": write_parquet_lists,
     "parquet_fixed_shape_tensor": write_parquet_tensor,
 }
+UNLABELLED_ONLY = {"npy"}
+SOURCE_CASES = [(kind, labelled) for kind in sorted(SOURCES) for labelled in (True, False)
+                if not (labelled and kind in UNLABELLED_ONLY)]
 
 
 def read_back(out: str) -> tuple[np.ndarray, np.ndarray]:
@@ -86,27 +104,34 @@ def as_row_set(images: np.ndarray, labels: np.ndarray) -> list[tuple[bytes, int]
     return sorted((p.tobytes(), int(label)) for p, label in zip(images, labels, strict=True))
 
 
-@pytest.mark.parametrize("kind", sorted(LABELLED_SOURCES))
-def test_labelled_source_round_trips_exact_pixels_and_labels(kind: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("kind", "labelled"), SOURCE_CASES,
+                         ids=[f"{k}-{'labelled' if lab else 'unlabelled'}" for k, lab in SOURCE_CASES])
+def test_source_round_trips_every_row_with_exact_pixels_and_labels(kind: str, labelled: bool,
+                                                                   tmp_path: Path) -> None:
     images, labels = originals()
-    source = LABELLED_SOURCES[kind](tmp_path, images, labels)
+    source = SOURCES[kind](tmp_path, images, labels if labelled else None)
     out = str(tmp_path / "ds")
     result = prepare(PrepareConfig(source=source, output=out, size=SIZE, channels=3, val_fraction=0.25))
     got_images, got_labels = read_back(out)
-    assert as_row_set(got_images, got_labels) == as_row_set(images, labels)
+    expected_labels = labels if labelled else np.full(N, NO_LABEL)
+    assert as_row_set(got_images, got_labels) == as_row_set(images, expected_labels)
     assert result.manifest.counts["train"] + result.manifest.counts["val"] == N
-    assert result.manifest.num_classes == CLASSES
+    assert result.manifest.skipped == []
+    assert result.manifest.num_classes == (CLASSES if labelled else None)
 
 
-def test_npy_source_is_unlabelled(tmp_path: Path) -> None:
-    images, _ = originals()
-    np.save(tmp_path / "x.npy", images)
-    result = prepare(PrepareConfig(source=str(tmp_path / "x.npy"), output=str(tmp_path / "ds"),
-                                   size=SIZE, channels=3))
-    got_images, got_labels = read_back(str(tmp_path / "ds"))
-    assert result.manifest.label_names is None
-    assert (got_labels == -1).all()
-    assert as_row_set(got_images, got_labels) == as_row_set(images, np.full(N, -1))
+def test_labelled_parquet_skips_rows_with_a_null_or_negative_label(tmp_path: Path) -> None:
+    images, labels = originals()
+    table = pa.table({"image": [png_bytes(p) for p in images],
+                      "label": pa.array([None, -1, *labels[2:].tolist()], pa.int64())})
+    pq.write_table(table, tmp_path / "holes.parquet")
+    result = prepare(PrepareConfig(source=str(tmp_path / "holes.parquet"), output=str(tmp_path / "ds"),
+                                   size=SIZE, channels=3, val_fraction=0))
+    assert [(s.name, s.reason) for s in result.manifest.skipped] == [
+        ("holes.parquet[row 0]", "label is None; labels must be >= 0"),
+        ("holes.parquet[row 1]", "label is -1; labels must be >= 0"),
+    ]
+    assert as_row_set(*read_back(str(tmp_path / "ds"))) == as_row_set(images[2:], labels[2:])
 
 
 def test_digits_source_scales_0_16_to_0_255(tmp_path: Path) -> None:

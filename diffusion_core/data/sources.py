@@ -111,6 +111,30 @@ def _conform_or_skip(name: str, pixels: np.ndarray, label: int,
     return Sample(name, conformed, label)
 
 
+def _decode_or_skip(name: str, file: Path | BinaryIO, label: int,
+                    params: PrepareParameters) -> Sample | Skipped:
+    """Decode an encoded image (PNG / JPEG / ...) from a path or file object and conform it."""
+    try:
+        with Image.open(file) as image:
+            image.load()
+            pixels = conform_image(image, params.size, params.channels, params.alpha_background)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        # DatasetError is a ValueError: unsupported modes are skipped the same way.
+        return Skipped(name, f"{type(err).__name__}: {err}")
+    return Sample(name, pixels, label)
+
+
+def _labelled_sample(name: str, pixels: np.ndarray | bytes, label: int | None, labelled: bool,
+                     params: PrepareParameters) -> Sample | Skipped:
+    """A sample from pixels (an array, or encoded image bytes). Rows of a labelled source need a
+    label >= 0 (a null label is a missing one); unlabelled sources carry NO_LABEL on every row."""
+    if labelled and (label is None or label < 0):
+        return Skipped(name, f"label is {label}; labels must be >= 0")
+    if isinstance(pixels, bytes):
+        return _decode_or_skip(name, io.BytesIO(pixels), label, params)
+    return _conform_or_skip(name, pixels, label, params)
+
+
 # ---- digits -------------------------------------------------------------------------------------
 
 
@@ -183,17 +207,7 @@ class ImageFolderSource:
         for path in self.files:
             rel = path.relative_to(self.root)
             label = class_index[rel.parts[0]] if self._classes else NO_LABEL
-            yield self._decode(path, rel.as_posix(), label, params)
-
-    def _decode(self, path: Path, name: str, label: int, params: PrepareParameters) -> Sample | Skipped:
-        try:
-            with Image.open(path) as image:
-                image.load()
-                pixels = conform_image(image, params.size, params.channels, params.alpha_background)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-            # DatasetError is a ValueError: unsupported modes are skipped the same way.
-            return Skipped(name, f"{type(err).__name__}: {err}")
-        return Sample(name, pixels, label)
+            yield _decode_or_skip(rel.as_posix(), path, label, params)
 
 
 def _list_images(root: Path) -> list[Path]:
@@ -293,13 +307,6 @@ class NumpySource:
                     index += 1
 
 
-def _labelled_sample(name: str, pixels: np.ndarray, label: int, labelled: bool,
-                     params: PrepareParameters) -> Sample | Skipped:
-    if labelled and label < 0:
-        return Skipped(name, f"label is {label}; labels must be >= 0")
-    return _conform_or_skip(name, pixels, label, params)
-
-
 @contextmanager
 def _open_npy_members(path: Path) -> Iterator[tuple[_NpyStream, _NpyStream | None]]:
     """(images, labels or None) streams of a .npy or .npz file, closed on exit."""
@@ -388,10 +395,10 @@ class ParquetSource:
             for image, label in zip(_image_values(batch.column(0)), labels, strict=True):
                 name = f"{self.path.name}[row {row}]"
                 row += 1
-                yield _parquet_sample(name, image, label, params)
+                yield _parquet_sample(name, image, label, self.has_labels, params)
 
     def _batch_labels(self, batch: pa.RecordBatch) -> list[int | None]:
-        if not self.label_column:
+        if not self.has_labels:
             return [NO_LABEL] * batch.num_rows
         column = batch.column(1)
         if self._names is None:
@@ -421,18 +428,8 @@ def _image_values(column: pa.Array) -> list[bytes | np.ndarray | None]:
                        "nested lists or fixed_shape_tensor arrays")
 
 
-def _parquet_sample(name: str, image: bytes | np.ndarray | None, label: int | None,
+def _parquet_sample(name: str, image: bytes | np.ndarray | None, label: int | None, labelled: bool,
                     params: PrepareParameters) -> Sample | Skipped:
     if image is None:
         return Skipped(name, "image is null")
-    if label is None or label < 0:
-        return Skipped(name, f"label is {label}; labels must be >= 0")
-    if isinstance(image, np.ndarray):
-        return _conform_or_skip(name, image, label, params)
-    try:
-        with Image.open(io.BytesIO(image)) as decoded:
-            decoded.load()
-            pixels = conform_image(decoded, params.size, params.channels, params.alpha_background)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        return Skipped(name, f"{type(err).__name__}: {err}")
-    return Sample(name, pixels, label)
+    return _labelled_sample(name, image, label, labelled, params)
