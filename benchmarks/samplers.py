@@ -1,6 +1,6 @@
 """Samplers against a Gaussian oracle and on a small trained digits model, ours beside diffusers'.
 
-    python benchmarks/samplers.py [--train-seconds 150] [--skip-quality] [--threads N]
+    python benchmarks/samplers.py [--train-seconds 180] [--skip-quality | --quality-only] [--threads N]
 
 Part 1 (oracle). Data N(MU, S^2) has the exact noise predictor
 E[eps | x_t] = sqrt(1 - a)(x_t - sqrt(a) mu) / (a s^2 + 1 - a). Every sampler (ours through
@@ -278,22 +278,27 @@ def write_atomically(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
         json.dump(payload, f, indent=2)
+    os.chmod(f.name, 0o644)  # NamedTemporaryFile creates 0600
     Path(f.name).replace(path)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train-seconds", type=float, default=150.0)
+    parser.add_argument("--train-seconds", type=float, default=180.0)
     parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--quality-only", action="store_true", help="rerun part 2, keep part 1 of the JSON")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    result: dict[str, Any] = {"machine": machine_info(), "oracle": {"mu": MU, "s": S, "shape": ORACLE_SHAPE}}
-    result["oracle"]["rows"] = oracle_rows("linear") + oracle_rows("cosine")
-    result["spacing_study"] = spacing_study()
-    write_atomically(RESULTS, result)
+    if args.quality_only:
+        result = {**json.loads(RESULTS.read_text()), "machine_quality": machine_info()}
+    else:
+        result = {"machine": machine_info(), "oracle": {"mu": MU, "s": S, "shape": ORACLE_SHAPE}}
+        result["oracle"]["rows"] = oracle_rows("linear") + oracle_rows("cosine")
+        result["spacing_study"] = spacing_study()
+        write_atomically(RESULTS, result)
     if not args.skip_quality:
         result["quality"] = quality_rows(args.train_seconds)
     result["machine"]["loadavg_end"] = os.getloadavg()
