@@ -17,39 +17,68 @@ so the step counter is the whole scheduler state.
 Classifier-free guidance training (Ho & Salimans 2022): each label is replaced by NULL_LABEL with
 probability `label_dropout`, so one network learns both eps(x_t, t, y) and eps(x_t, t, null).
 
-Reproducibility: every random draw of step s on rank k (noise, timesteps, label dropout, dropout
-layers) comes from generators seeded by (seed, k, s), and the order of the data in epoch e from a
-permutation seeded by (seed, k, e). A resumed run therefore needs only the step counter to continue
-exactly where an uninterrupted run would be; no generator state has to be saved.
+Reproducibility: every random draw of step s on rank k comes from generators seeded by
+(seed, k, s, stream): one stream for noise, timesteps and label dropout, another for the dropout
+layers; the order of the data in epoch e is a permutation seeded by (seed, k, e, DATA_ORDER). The
+stream tag keeps unrelated draws apart (without it, step n and epoch n would share a seed, and the
+dropout masks would replay the noise generator's stream). A resumed run therefore needs only the
+step counter to continue exactly where an uninterrupted run would be; no generator state is saved.
+
+Checkpoints: a diffusion_core checkpoint plus `training_state/`, written inside the checkpoint's temp
+directory (save_checkpoint's `extra` hook) so that weights and training state are published together
+or not at all.
 """
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
+import logging
 import math
+import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
-from diffusion_core.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
+from diffusion_core.checkpoint import (
+    EMA_FILE,
+    ModelSpec,
+    load_checkpoint,
+    read_ema_state,
+    save_checkpoint,
+)
 from diffusion_core.ema import EMA, unwrap_model
 from diffusion_core.errors import CheckpointError, ConfigError, DiffusionPipelineError
 from diffusion_core.guidance import NULL_LABEL
 from diffusion_core.objective import ObjectiveConfig, training_loss
+from diffusion_core.samplers import get_sampler, sampling_timesteps
 from diffusion_core.schedule import NoiseSchedule, ScheduleConfig
 from diffusion_core.unet import UNet, UNetConfig
+
+logger = logging.getLogger(__name__)
 
 TRAINING_STATE_DIR = "training_state"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
 CONFIG_FILE = "train_config.json"
+# Ray Train run names become directory names and MLflow filter-string literals: no quotes, no slashes.
+RUN_NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
+
+
+class Stream(enum.IntEnum):
+    """Domain tags of derived_seed: each random stream of a step or epoch gets its own seed."""
+
+    DATA_ORDER = 1  # the permutation of an epoch's rows
+    NOISE = 2  # timesteps, noise and label dropout of a step
+    DROPOUT = 3  # the global generator the dropout layers draw from
 
 
 class FaultInjection(BaseModel):
@@ -77,7 +106,8 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     dataset: str = Field(description="prepared dataset directory or URI (manifest.json + train/*.parquet)")
-    run_name: str | None = Field(None, description="Ray Train run name; rerunning a name resumes it")
+    run_name: str | None = Field(None, pattern=RUN_NAME_PATTERN,
+                                description="Ray Train run name ([A-Za-z0-9_.-]+); reusing a name resumes")
     storage_path: str = Field("ray_results", description="checkpoint root: local path or URI")
     experiment_name: str = "diffusion"
     tracking_uri: str | None = Field(None, description="MLflow tracking URI; None = MLflow's default")
@@ -121,11 +151,32 @@ class TrainConfig(BaseModel):
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
 
     @model_validator(mode="after")
-    def _check_batch_split(self) -> TrainConfig:
+    def _check_batch_split(self) -> Self:
         if self.batch_size % self.num_workers:
-            raise ValueError(
+            raise ConfigError(
                 f"batch_size: {self.batch_size} is not divisible by num_workers={self.num_workers}"
             )
+        if self.warmup_steps >= self.steps:
+            raise ConfigError(
+                f"warmup_steps: {self.warmup_steps} must be below steps={self.steps} (the learning rate "
+                "would never leave its warm-up)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_sampling(self) -> Self:
+        """Settings that would otherwise fail only inside the Ray workers, at the first sample grid
+        (after the run has started, and before that step's checkpoint is written)."""
+        get_sampler(self.sampler)
+        schedule = NoiseSchedule.from_config(self.schedule)
+        try:
+            schedule.validate_prediction(self.objective.prediction)
+        except ConfigError as err:
+            raise ConfigError(f"objective.{err}") from err
+        try:
+            sampling_timesteps(schedule, self.sampler, self.sample_steps, self.objective.prediction)
+        except ConfigError as err:
+            raise ConfigError(f"sample_steps: {str(err).removeprefix('steps: ')}") from err
         return self
 
     @property
@@ -153,7 +204,8 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: floa
 
 
 def derived_seed(*parts: int) -> int:
-    """A 63-bit seed from integers, stable across processes and Python versions (sha256, not hash())."""
+    """A 63-bit seed from integers, stable across processes and Python versions (sha256, not hash()).
+    Pass a Stream tag as the last part so that unrelated streams never share a seed."""
     digest = hashlib.sha256(",".join(str(int(p)) for p in parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 
@@ -172,7 +224,8 @@ def data_position(step: int, batches_per_epoch: int) -> DataPosition:
 
 def batch_rows(step: int, num_rows: int, batch_size: int, seed: int, rank: int) -> Tensor:
     """Row indices of the shard that step `step` trains on: epochs are seeded permutations of the
-    shard ((seed, rank, epoch)), cut into `num_rows // batch_size` full batches (the rest is dropped)."""
+    shard ((seed, rank, epoch, DATA_ORDER)), cut into `num_rows // batch_size` full batches (the rest
+    is dropped)."""
     batches_per_epoch = num_rows // batch_size
     if batches_per_epoch == 0:
         raise ConfigError(
@@ -180,7 +233,7 @@ def batch_rows(step: int, num_rows: int, batch_size: int, seed: int, rank: int) 
             f"{num_rows} training rows; lower batch_size or num_workers"
         )
     pos = data_position(step, batches_per_epoch)
-    gen = torch.Generator().manual_seed(derived_seed(seed, rank, pos.epoch))
+    gen = torch.Generator().manual_seed(derived_seed(seed, rank, pos.epoch, Stream.DATA_ORDER))
     order = torch.randperm(num_rows, generator=gen)
     return order[pos.batch_index * batch_size : (pos.batch_index + 1) * batch_size]
 
@@ -204,7 +257,6 @@ class TrainState:
     step: int = 0
     nonfinite_total: int = 0
     nonfinite_streak: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def build_train_state(config: TrainConfig, device: torch.device | str = "cpu") -> TrainState:
@@ -263,10 +315,13 @@ def train_step(
     non-finite loss or gradient norm skips the update (weights, EMA and moments untouched) and is
     counted; `max_consecutive_nonfinite` skips in a row raise TrainingDivergedError.
     """
-    model = model or state.model
-    seed = derived_seed(config.seed, rank, state.step)
-    torch.manual_seed(seed)  # dropout layers draw from the global generator
-    gen = torch.Generator(device=images.device).manual_seed(seed)
+    if model is None:
+        model = state.model
+    # Dropout layers draw from the global generator; noise, timesteps and label dropout from `gen`.
+    torch.manual_seed(derived_seed(config.seed, rank, state.step, Stream.DROPOUT))
+    gen = torch.Generator(device=images.device).manual_seed(
+        derived_seed(config.seed, rank, state.step, Stream.NOISE)
+    )
     lr = set_learning_rate(state.optimizer, config, state.step)
     if labels is not None:
         labels = drop_labels(labels, config.label_dropout, gen)
@@ -324,37 +379,64 @@ def _record_nonfinite(state: TrainState, config: TrainConfig) -> None:
 def save_training_checkpoint(directory: str | Path, state: TrainState, config: TrainConfig,
                              spec: ModelSpec) -> Path:
     """A diffusion_core checkpoint (weights, EMA, spec; loadable by load_checkpoint) plus
-    `training_state/`: optimiser tensors (safetensors), counters and EMA count (JSON), the config."""
-    path = save_checkpoint(directory, unwrap_model(state.model), spec, ema=state.ema)
-    tensors, meta = _flatten_optimizer(state.optimizer)
-    train_dir = path / TRAINING_STATE_DIR
-    train_dir.mkdir()
-    save_file(tensors, str(train_dir / OPTIMIZER_FILE))
-    counters = {
-        "step": state.step,
-        "nonfinite_total": state.nonfinite_total,
-        "nonfinite_streak": state.nonfinite_streak,
-        "ema_num_updates": state.ema.num_updates,
-        "optimizer": meta,
-        **state.extra,
-    }
-    (train_dir / STATE_FILE).write_text(json.dumps(counters, indent=2))
-    (train_dir / CONFIG_FILE).write_text(config.model_dump_json(indent=2))
-    return path
+    `training_state/`: optimiser tensors (safetensors), counters (JSON) and the config. Atomic: the
+    training state is written inside the temp directory before the checkpoint is published, so a
+    failure leaves any previous checkpoint at `directory` complete. The EMA's update count lives in
+    ema.safetensors' metadata only."""
+
+    def write_training_state(tmp: Path) -> None:
+        train_dir = tmp / TRAINING_STATE_DIR
+        train_dir.mkdir()
+        counters = {"step": state.step, "nonfinite_total": state.nonfinite_total,
+                    "nonfinite_streak": state.nonfinite_streak,
+                    "optimizer": write_optimizer_state(train_dir, state.optimizer)}
+        _write_durably(train_dir / STATE_FILE, json.dumps(counters, indent=2).encode())
+        _write_durably(train_dir / CONFIG_FILE, config.model_dump_json(indent=2).encode())
+        _fsync(train_dir)
+
+    net = unwrap_model(state.model)
+    return save_checkpoint(directory, net, spec, ema=state.ema, extra=write_training_state)
 
 
-def load_training_checkpoint(directory: str | Path, state: TrainState) -> None:
-    """Restore weights, EMA, optimiser and counters from `save_training_checkpoint` output."""
-    train_dir = Path(directory) / TRAINING_STATE_DIR
+def write_optimizer_state(train_dir: Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Write the optimiser's tensors as safetensors; returns the JSON-able rest (param groups and
+    scalars), which goes into state.json."""
+    tensors, meta = _flatten_optimizer(optimizer)
+    _write_durably(train_dir / OPTIMIZER_FILE, safetensors_bytes(tensors))
+    return meta
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    """Write and fsync, so that publishing the checkpoint (a rename) publishes complete files."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_training_checkpoint(directory: str | Path, state: TrainState, config: TrainConfig) -> None:
+    """Resume: restore weights, EMA (with its update count), optimiser and counters from
+    `save_training_checkpoint` output. The checkpoint's UNet, schedule and objective must equal the
+    config's: the optimiser moments and the EMA belong to that exact training problem."""
+    directory = Path(directory)
+    train_dir = directory / TRAINING_STATE_DIR
     if not (train_dir / STATE_FILE).is_file():
         raise CheckpointError(
             f"checkpoint: {directory} has no {TRAINING_STATE_DIR}/{STATE_FILE}; it is not a training "
             "checkpoint", hint="to start new training from its weights, pass it as warm_start",
         )
+    raw = _load_matching_weights(directory, config, resume=True)
     counters = json.loads((train_dir / STATE_FILE).read_text())
-    device = next(state.model.parameters()).device
-    load_weights(directory, state, device)
-    state.ema.num_updates = int(counters["ema_num_updates"])
+    _load_raw_weights(state, raw)
+    state.ema.load_state_dict(read_ema_state(directory))
     # Loaded on the CPU: load_state_dict moves moments to the parameters and keeps "step" on the CPU.
     tensors = load_file(str(train_dir / OPTIMIZER_FILE))
     state.optimizer.load_state_dict(_unflatten_optimizer(tensors, counters["optimizer"]))
@@ -363,20 +445,56 @@ def load_training_checkpoint(directory: str | Path, state: TrainState) -> None:
     state.nonfinite_streak = int(counters["nonfinite_streak"])
 
 
-def load_weights(directory: str | Path, state: TrainState, device: torch.device | str = "cpu") -> None:
-    """Raw weights into the model and EMA weights into the EMA (warm start: counters untouched)."""
-    raw_model = load_checkpoint(directory, use_ema=False, device=str(device))
-    expected = getattr(unwrap_model(state.model), "config", None)
-    if raw_model.spec.unet != expected:
+def load_weights(directory: str | Path, state: TrainState, config: TrainConfig) -> None:
+    """Warm start: raw weights into the model and EMA weights into the EMA, counters untouched (a
+    checkpoint without EMA weights starts the EMA from the raw ones). The checkpoint's UNet, noise
+    schedule and prediction target must equal the config's; min_snr_gamma (a loss weight) may differ."""
+    directory = Path(directory)
+    raw = _load_matching_weights(directory, config, resume=False)
+    _load_raw_weights(state, raw)
+    if (directory / EMA_FILE).is_file():
+        shadow = read_ema_state(directory)["shadow"]
+    else:
+        logger.warning("warm_start: %s has no %s; the EMA starts from the raw weights", directory, EMA_FILE)
+        shadow = raw
+    state.ema.load_state_dict({"shadow": shadow, "num_updates": state.ema.num_updates})
+
+
+def _load_matching_weights(directory: Path, config: TrainConfig, resume: bool) -> dict[str, Tensor]:
+    """The checkpoint's raw weights (CPU), after checking that its spec fits this run."""
+    loaded = load_checkpoint(directory, use_ema=False)
+    mismatches = spec_mismatches(loaded.spec, config, compare_loss_weighting=resume)
+    if mismatches:
+        field = "checkpoint" if resume else "warm_start"
+        action = "resume" if resume else "warm-start"
         raise CheckpointError(
-            f"warm_start: the checkpoint at {directory} has unet {raw_model.spec.unet!r}; this run's "
-            f"unet is {expected!r}", hint="set unet.* to the checkpoint's values or drop warm_start",
+            f"{field}: cannot {action} from {directory}: " + "; ".join(mismatches),
+            hint="set these fields to the checkpoint's values"
+            + (", or start a new run_name" if resume else ", or drop warm_start"),
         )
-    raw = raw_model.model.state_dict()
-    ema = load_checkpoint(directory, use_ema=True, device=str(device)).model.state_dict()
+    return loaded.model.state_dict()
+
+
+def spec_mismatches(spec: ModelSpec, config: TrainConfig, compare_loss_weighting: bool = True) -> list[str]:
+    """'field: checkpoint has X, this run has Y' for each of unet, schedule.* and objective.* that
+    differ (objective.min_snr_gamma only when `compare_loss_weighting`)."""
+    found: list[str] = []
+    if spec.unet != config.unet:
+        found.append(f"unet: the checkpoint has {spec.unet!r}, this run has {config.unet!r}")
+    pairs = [("schedule", spec.schedule, config.schedule), ("objective", spec.objective, config.objective)]
+    for prefix, ours, theirs in pairs:
+        for name in type(ours).model_fields:
+            if prefix == "objective" and name == "min_snr_gamma" and not compare_loss_weighting:
+                continue
+            a, b = getattr(ours, name), getattr(theirs, name)
+            if a != b:
+                found.append(f"{prefix}.{name}: the checkpoint has {a!r}, this run has {b!r}")
+    return found
+
+
+def _load_raw_weights(state: TrainState, raw: dict[str, Tensor]) -> None:
     with torch.no_grad():
         unwrap_model(state.model).load_state_dict(raw, strict=True)
-    state.ema.load_state_dict({"shadow": ema, "num_updates": state.ema.num_updates})
 
 
 def read_training_step(directory: str | Path) -> int:

@@ -12,13 +12,18 @@ import torch
 from diffusion_core.checkpoint import DataSpec, ModelSpec, load_checkpoint
 from diffusion_core.errors import CheckpointError, ConfigError
 from diffusion_core.guidance import NULL_LABEL
+from diffusion_core.objective import ObjectiveConfig
 from diffusion_core.training import (
+    TRAINING_STATE_DIR,
+    Stream,
     TrainConfig,
     TrainingDivergedError,
     batch_rows,
     build_train_state,
+    derived_seed,
     drop_labels,
     load_training_checkpoint,
+    load_weights,
     lr_factor,
     read_training_step,
     save_training_checkpoint,
@@ -103,6 +108,29 @@ def test_config_rejects_bad_values_naming_the_field() -> None:
         load_config(TrainConfig, "train", overrides={"dataset": "d", "nonsense": 1})
 
 
+@pytest.mark.parametrize(("overrides", "field"), [
+    ({"sampler": "euler"}, "sampler"),
+    ({"sample_steps": 5000}, "sample_steps"),
+    ({"steps": 100, "warmup_steps": 100}, "warmup_steps"),
+    ({"schedule.zero_terminal_snr": True}, "objective.prediction"),
+    ({"run_name": "it's"}, "run_name"),
+])
+def test_config_rejects_what_would_only_fail_in_the_workers(overrides: dict, field: str) -> None:
+    with pytest.raises(ConfigError, match=field):
+        load_config(TrainConfig, "train", overrides={"dataset": "d", **overrides})
+
+
+def test_config_accepts_zero_terminal_snr_with_v_prediction() -> None:
+    config = load_config(TrainConfig, "train", overrides={
+        "dataset": "d", "schedule.zero_terminal_snr": True, "objective.prediction": "v"})
+    assert config.schedule.zero_terminal_snr and config.objective.prediction == "v"
+
+
+def test_random_streams_of_a_step_and_an_epoch_have_distinct_seeds() -> None:
+    seeds = {derived_seed(0, 0, 3, stream) for stream in Stream}
+    assert len(seeds) == len(Stream)
+
+
 def test_environment_fills_tracking_uri_and_ray_address() -> None:
     env = {"MLFLOW_TRACKING_URI": "http://127.0.0.1:1", "RAY_ADDRESS": "ray://h:10001"}
     config = load_config(TrainConfig, "train", overrides={"dataset": "d"}, environ=env)
@@ -155,7 +183,7 @@ def test_checkpoint_loads_through_diffusion_core_and_resume_is_exact(tmp_path: P
     assert read_training_step(path) == 3
 
     resumed = build_train_state(config.model_copy(update={"seed": 99}))  # different init, overwritten
-    load_training_checkpoint(path, resumed)
+    load_training_checkpoint(path, resumed, config)
     assert resumed.step == 3 and resumed.ema.num_updates == 3
     run_steps(resumed, config, images, labels, until=8)
 
@@ -165,6 +193,66 @@ def test_checkpoint_loads_through_diffusion_core_and_resume_is_exact(tmp_path: P
         assert (value - resumed.ema.shadow[name]).abs().max().item() < 1e-6, name
 
 
+@pytest.mark.parametrize(("update", "field"), [
+    ({"objective": {"prediction": "v"}}, "objective.prediction"),
+    ({"objective": {"min_snr_gamma": 5.0}}, "objective.min_snr_gamma"),
+    ({"schedule": {"name": "linear"}}, "schedule.name"),
+])
+def test_resume_refuses_a_checkpoint_of_another_schedule_or_objective(tmp_path: Path, update: dict,
+                                                                      field: str) -> None:
+    config = tiny_config()
+    path = save_training_checkpoint(tmp_path / "ckpt", build_train_state(config), config, tiny_spec(config))
+    other = TrainConfig.model_validate({**config.model_dump(), **update})
+    with pytest.raises(CheckpointError, match=rf"cannot resume .*{field}: the checkpoint has"):
+        load_training_checkpoint(path, build_train_state(other), other)
+
+
+def test_warm_start_needs_the_same_schedule_and_prediction_but_not_loss_weighting(tmp_path: Path) -> None:
+    config = tiny_config()
+    trained = build_train_state(config)
+    path = save_training_checkpoint(tmp_path / "ckpt", trained, config, tiny_spec(config))
+    for update, field in [({"prediction": "x0"}, "objective.prediction")]:
+        other = config.model_copy(update={"objective": config.objective.model_copy(update=update)})
+        with pytest.raises(CheckpointError, match=rf"warm_start: cannot warm-start .*{field}") as err:
+            load_weights(path, build_train_state(other), other)
+        assert "drop warm_start" in err.value.hint
+    linear = config.model_copy(update={"schedule": config.schedule.model_copy(update={"name": "linear"})})
+    with pytest.raises(CheckpointError, match=r"schedule\.name: the checkpoint has 'cosine'"):
+        load_weights(path, build_train_state(linear), linear)
+    weighted = config.model_copy(update={"objective": ObjectiveConfig(min_snr_gamma=5.0)})
+    fresh = build_train_state(weighted)
+    load_weights(path, fresh, weighted)
+    assert all(torch.equal(v, fresh.ema.shadow[k]) for k, v in trained.ema.shadow.items())
+
+
+def test_failed_checkpoint_write_leaves_the_previous_checkpoint_complete(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import diffusion_core.training as training
+
+    config = tiny_config()
+    images, labels = fake_data(64)
+    state = build_train_state(config)
+    run_steps(state, config, images, labels, until=2)
+    path = save_training_checkpoint(tmp_path / "ckpt", state, config, tiny_spec(config))
+    saved = load_checkpoint(path, use_ema=False).model.state_dict()
+    run_steps(state, config, images, labels, until=4)
+
+    def broken_writer(*args: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(training, "write_optimizer_state", broken_writer)
+    with pytest.raises(OSError, match="disk full"):
+        save_training_checkpoint(path, state, config, tiny_spec(config))
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temp or half checkpoint left
+    assert read_training_step(path) == 2
+    assert (path / TRAINING_STATE_DIR / "optimizer.safetensors").is_file()
+    after = load_checkpoint(path, use_ema=False).model.state_dict()
+    assert all(torch.equal(saved[k], after[k]) for k in saved)
+    load_training_checkpoint(path, build_train_state(config), config)  # still resumable
+
+
 def test_plain_model_checkpoint_is_not_a_training_checkpoint(tmp_path: Path) -> None:
     from diffusion_core.checkpoint import save_checkpoint
 
@@ -172,7 +260,7 @@ def test_plain_model_checkpoint_is_not_a_training_checkpoint(tmp_path: Path) -> 
     state = build_train_state(config)
     path = save_checkpoint(tmp_path / "plain", state.model, tiny_spec(config), ema=state.ema)
     with pytest.raises(CheckpointError, match="not a training checkpoint") as err:
-        load_training_checkpoint(path, state)
+        load_training_checkpoint(path, state, config)
     assert "warm_start" in err.value.hint
 
 
@@ -186,8 +274,6 @@ def test_cli_reports_a_bad_flag_naming_the_field(capsys: pytest.CaptureFixture[s
 
 
 def test_warm_start_takes_the_weights_but_not_the_counters(tmp_path: Path) -> None:
-    from diffusion_core.training import load_weights
-
     config = tiny_config()
     images, labels = fake_data(64)
     trained = build_train_state(config)
@@ -195,7 +281,7 @@ def test_warm_start_takes_the_weights_but_not_the_counters(tmp_path: Path) -> No
     path = save_training_checkpoint(tmp_path / "champion", trained, config, tiny_spec(config))
 
     fresh = build_train_state(config.model_copy(update={"seed": 5}))
-    load_weights(path, fresh)
+    load_weights(path, fresh, config)
     assert fresh.step == 0 and fresh.ema.num_updates == 0
     for name, value in trained.model.state_dict().items():
         assert torch.equal(value, fresh.model.state_dict()[name])
@@ -204,4 +290,47 @@ def test_warm_start_takes_the_weights_but_not_the_counters(tmp_path: Path) -> No
 
     other = tiny_config(unet=TINY_UNET.model_copy(update={"base_channels": 16}))
     with pytest.raises(CheckpointError, match="warm_start"):
-        load_weights(path, build_train_state(other))
+        load_weights(path, build_train_state(other), other)
+
+
+def test_cli_refuses_fewer_steps_than_warmup_and_offers_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    from flows.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "some/dataset", "--steps", "50"])  # default warmup_steps is 100
+    assert exit_info.value.code == 2
+    assert "warmup_steps" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "some/dataset", "--steps", "50", "--warmup-steps", "60"])
+    assert exit_info.value.code == 2
+
+
+def test_default_run_names_are_unique_and_safe_and_bad_names_are_refused() -> None:
+    import re
+
+    from diffusion_core.adapters.mlflow_tracking import check_run_name
+    from diffusion_core.adapters.ray_train import default_run_name
+    from diffusion_core.training import RUN_NAME_PATTERN
+
+    names = {default_run_name() for _ in range(20)}  # all within the same second
+    assert len(names) == 20 and all(re.fullmatch(RUN_NAME_PATTERN, n) for n in names)
+    with pytest.raises(ConfigError, match="run_name"):
+        check_run_name("x' OR tags.a = 'b")
+
+
+def test_sample_grid_is_what_the_saved_checkpoint_generates(tmp_path: Path) -> None:
+    from diffusion_core.adapters.ray_train import sample_grid
+    from diffusion_core.images import make_grid, to_uint8
+
+    config = tiny_config(num_sample_images=10, sample_steps=2)
+    images, labels = fake_data(64)
+    state = build_train_state(config)
+    run_steps(state, config, images, labels, until=3)
+    spec = tiny_spec(config)
+    grid = sample_grid(state, spec, config)
+
+    path = save_training_checkpoint(tmp_path / "ckpt", state, config, spec)
+    loaded = load_checkpoint(path, use_ema=True)
+    expected = loaded.generate(10, steps=2, sampler=config.sampler, seeds=range(10), labels=list(range(10)))
+    assert grid.shape == (1 + 9, 1 + 10 * 9, 1)  # one row of ten 8x8 tiles, 1-pixel padding
+    assert (grid == make_grid(to_uint8(expected), nrow=10)).all()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from diffusion_core.data.manifest import DatasetManifest
-from diffusion_core.training import TrainConfig
+from diffusion_core.errors import ConfigError
+from diffusion_core.training import RUN_NAME_PATTERN, TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +91,7 @@ def start_or_resume_run(
 ) -> str:
     """The id of the MLflow run for Ray run `run_name`: the existing one when the name was trained
     before (resume), else a new run with params, dataset input and tags logged."""
+    check_run_name(run_name)
     client = MlflowClient(tracking_uri=resolved_tracking_uri(config))
     experiment_id = ensure_experiment(client, config)
     existing = client.search_runs(
@@ -109,6 +112,12 @@ def start_or_resume_run(
     log_dataset_input(run.info.run_id, config, manifest)
     logger.info("created MLflow run %s in experiment %r", run.info.run_id, config.experiment_name)
     return run.info.run_id
+
+
+def check_run_name(run_name: str) -> None:
+    """Refuse names that would break the filter string below (a quote ends its literal)."""
+    if not re.fullmatch(RUN_NAME_PATTERN, run_name):
+        raise ConfigError(f"run_name: {run_name!r} must match {RUN_NAME_PATTERN} (letters, digits, _ . -)")
 
 
 def _set_tags(client: MlflowClient, run_id: str, tags: dict[str, str]) -> None:

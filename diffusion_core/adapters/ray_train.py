@@ -26,8 +26,9 @@ import logging
 import math
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +40,10 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from torch import Tensor
 
-from diffusion_core.checkpoint import DataSpec, ModelSpec
+from diffusion_core.checkpoint import DataSpec, LoadedModel, ModelSpec
 from diffusion_core.data.manifest import DatasetManifest, read_manifest
 from diffusion_core.errors import CheckpointError, ConfigError
 from diffusion_core.images import encode_png, make_grid, to_uint8
-from diffusion_core.samplers import sample
 from diffusion_core.training import (
     TrainConfig,
     TrainingDivergedError,
@@ -86,7 +86,7 @@ def run_training(config: TrainConfig, tags: dict[str, str] | None = None) -> Tra
 
     manifest = read_manifest(config.dataset)
     spec = model_spec_for(config, manifest)
-    run_name = config.run_name or datetime.now().strftime("train-%Y%m%d-%H%M%S")
+    run_name = config.run_name or default_run_name()
     storage_path = resolve_storage_path(config.storage_path)
     started_ray = _ensure_ray(config.ray_address)
     try:
@@ -108,6 +108,11 @@ def run_training(config: TrainConfig, tags: dict[str, str] | None = None) -> Tra
     finally:
         if started_ray:
             ray.shutdown()
+
+
+def default_run_name() -> str:
+    """`train-<UTC time>-<6 hex>`: the random suffix keeps two runs started in the same second apart."""
+    return f"train-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
 def _finish(config: TrainConfig, run_id: str, run_name: str, result: ray.train.Result) -> TrainResult:
@@ -287,10 +292,10 @@ def restore_state(state: TrainState, config: TrainConfig) -> int:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            load_training_checkpoint(directory, state)
+            load_training_checkpoint(directory, state, config)
         logger.info("resumed from checkpoint at step %d", state.step)
     elif config.warm_start:
-        load_weights(config.warm_start, state, next(state.model.parameters()).device)
+        load_weights(config.warm_start, state, config)
         logger.info("warm start from %s", config.warm_start)
     return state.step
 
@@ -361,12 +366,11 @@ class _WorkerLoop:
             self.window_losses.append(result.loss)
         if step % config.log_every == 0 or step == config.steps:
             self._log(result)
-        if config.sample_every and step % config.sample_every == 0 and step != config.steps:
-            self._log_samples()
+        # The checkpoint first: a failure while sampling must not lose the step.
         if step % config.checkpoint_every == 0 or step == config.steps:
-            if step == config.steps:
-                self._log_samples()
             self._checkpoint()
+        if (config.sample_every and step % config.sample_every == 0) or step == config.steps:
+            self._log_samples()
 
     def _log(self, result) -> None:
         now = time.perf_counter()
@@ -407,7 +411,6 @@ class _WorkerLoop:
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if self.rank == 0:
-                self.state.extra = {"epoch": metrics["epoch"], "batch_index": metrics["batch_index"]}
                 path = save_training_checkpoint(Path(tmp) / name, self.state, self.config, self.spec)
                 checkpoint = ray.train.Checkpoint.from_directory(str(path))
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
@@ -425,15 +428,12 @@ class _WorkerLoop:
 
 
 def sample_grid(state: TrainState, spec: ModelSpec, config: TrainConfig) -> Any:
-    """A uint8 (H, W, C) grid of samples from the EMA weights; class-conditional models get label
-    i % num_classes for image i, so each column of the 8-wide grid is one class when it has 8."""
-    ema_model = state.ema.averaged_model(state.model)
+    """A uint8 (H, W, C) grid of samples from the EMA weights, generated as a loaded checkpoint would
+    (LoadedModel.generate: same sampler call and value-range mapping). Class-conditional models get
+    label i % num_classes for image i, so each column of the grid is one class."""
+    ema_model = LoadedModel(state.ema.averaged_model(state.model), spec, weights="ema")
     n, num_classes = config.num_sample_images, spec.unet.num_classes
-    device = next(ema_model.parameters()).device
-    labels = torch.arange(n, device=device) % num_classes if num_classes else None
-    shape = (n, spec.unet.in_channels, spec.unet.image_size, spec.unet.image_size)
-    with torch.no_grad():
-        x = sample(ema_model, shape, state.schedule, sampler=config.sampler, steps=config.sample_steps,
-                   seeds=list(range(n)), labels=labels, prediction=config.objective.prediction,
-                   device=device)
-    return make_grid(to_uint8((x.clamp(-1, 1) + 1) / 2), nrow=num_classes or 8)
+    labels = torch.arange(n) % num_classes if num_classes else None
+    images = ema_model.generate(n, steps=config.sample_steps, sampler=config.sampler,
+                                seeds=list(range(n)), labels=labels)
+    return make_grid(to_uint8(images), nrow=num_classes or 8)

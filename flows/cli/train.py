@@ -23,6 +23,7 @@ def train_command(
     steps: int | None = typer.Option(None, "--steps", help="Total optimisation steps."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Global batch size."),
     lr: float | None = typer.Option(None, "--lr", help="Peak learning rate (AdamW)."),
+    warmup_steps: int | None = typer.Option(None, "--warmup-steps", help="Linear warm-up steps (< steps)."),
     num_workers: int | None = typer.Option(None, "--num-workers", help="Ray Train workers."),
     cpus_per_worker: float | None = typer.Option(None, "--cpus-per-worker", help="CPUs per worker."),
     use_gpu: bool | None = typer.Option(None, "--gpu/--cpu", help="Train on GPUs (NCCL, bf16)."),
@@ -37,7 +38,7 @@ def train_command(
 
     overrides = {
         "dataset": dataset, "run_name": run_name, "storage_path": storage_path, "steps": steps,
-        "batch_size": batch_size, "lr": lr, "num_workers": num_workers,
+        "batch_size": batch_size, "lr": lr, "warmup_steps": warmup_steps, "num_workers": num_workers,
         "cpus_per_worker": cpus_per_worker, "use_gpu": use_gpu, "warm_start": warm_start,
         "experiment_name": experiment_name, "tracking_uri": tracking_uri, "ray_address": ray_address,
     }
