@@ -6,17 +6,17 @@
       spec.json           ModelSpec: everything needed to rebuild the UNet, its noise schedule,
                           its training objective and the data space it generates in
 
-`save_checkpoint` writes a sibling temp directory and renames it into place, so that readers see
-either the previous complete checkpoint or the new complete one, never a mix. (Replacing takes two
-renames, old aside then new in; a reader arriving between them finds no checkpoint and gets a
-CheckpointError, and a crash exactly there leaves the old one complete under `.<name>.old-*`.)
+`save_checkpoint` writes a sibling temp directory and publishes it with
+`atomic_io.replace_directory`, so that readers see either the previous complete checkpoint or the
+new complete one, never a mix. (Replacing takes two renames, old aside then new in; a reader
+arriving between them finds no checkpoint and gets a CheckpointError, and a crash exactly there
+leaves the old one complete under `.<name>.old-*`.)
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -29,8 +29,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from diffusion_core.atomic_io import replace_directory
 from diffusion_core.ema import EMA, unwrap_model
 from diffusion_core.errors import CheckpointError, ConfigError, describe_validation_error
+from diffusion_core.images import MODEL_VALUE_RANGE, to_unit_range
 from diffusion_core.objective import ObjectiveConfig
 from diffusion_core.samplers import sample
 from diffusion_core.schedule import NoiseSchedule, ScheduleConfig
@@ -53,7 +55,7 @@ class DataSpec(BaseModel):
     channels: int = Field(ge=1)
     label_names: list[str] | None = None
     dataset_fingerprint: str | None = None
-    value_range: tuple[float, float] = (-1.0, 1.0)
+    value_range: tuple[float, float] = MODEL_VALUE_RANGE
 
     @model_validator(mode="after")
     def _check_range(self) -> Self:
@@ -143,7 +145,7 @@ def save_checkpoint(
         if extra is not None:
             extra(tmp)
         _write_contents(tmp, net, spec, ema)
-        _replace_directory(tmp, directory)
+        replace_directory(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -174,41 +176,10 @@ def _write_contents(tmp: Path, net: nn.Module, spec: ModelSpec, ema: EMA | None)
                     "warmup": str(ema.warmup)}
         save_file(_cpu_contiguous(ema.shadow), tmp / EMA_FILE, metadata=metadata)
     (tmp / SPEC_FILE).write_text(spec_to_json(spec))
-    for path in tmp.iterdir():
-        _fsync(path)
-    _fsync(tmp)
 
 
 def _cpu_contiguous(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file or directory to disk so that the rename below publishes complete data."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _replace_directory(tmp: Path, directory: Path) -> None:
-    """Move `tmp` to `directory`. A directory cannot be renamed over a non-empty one, so an existing
-    checkpoint is first renamed aside and deleted only once the new one is in place (and restored if
-    the second rename fails)."""
-    if not directory.exists():
-        os.rename(tmp, directory)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
-    old.rmdir()
-    os.rename(directory, old)
-    try:
-        os.rename(tmp, directory)
-    except BaseException:
-        os.rename(old, directory)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    _fsync(directory.parent)
 
 
 # ---------------------------------------------------------------------------------------------- load
@@ -249,12 +220,11 @@ class LoadedModel:
         """Sample `num_images` pictures: float32 (N, C, H, W) in [0, 1] on the CPU.
 
         Image i depends only on seeds[i], labels[i] and the settings (see samplers.sample). The
-        model's value range (spec.data.value_range, normally [-1, 1]) is mapped linearly to [0, 1]
-        and clamped, since samplers can overshoot the data range slightly.
+        model's value range (spec.data.value_range, normally [-1, 1]) is mapped to [0, 1] by
+        `images.to_unit_range` (linear, then clamped: samplers can overshoot the data range slightly).
         """
         if num_images < 1:
             raise ConfigError(f"num_images: must be >= 1, got {num_images}")
-        label_tensor = self._label_tensor(labels, num_images)
         cfg = self.spec.unet
         x = sample(
             self.model_fn,
@@ -263,22 +233,13 @@ class LoadedModel:
             sampler=sampler,
             steps=steps,
             seeds=seeds,
-            labels=label_tensor,
+            labels=labels,  # sample() validates them (one int per image)
             guidance_scale=guidance_scale,
             eta=eta,
             prediction=self.spec.objective.prediction,
             device=self.device,
         )
-        low, high = self.spec.data.value_range
-        return ((x.float().cpu() - low) / (high - low)).clamp_(0.0, 1.0)
-
-    def _label_tensor(self, labels: Sequence[int] | Tensor | None, n: int) -> Tensor | None:
-        if labels is None:
-            return None
-        tensor = torch.as_tensor(labels, dtype=torch.long, device=self.device)
-        if tensor.shape != (n,):
-            raise ConfigError(f"labels: expected {n} labels (one per image), got shape {tuple(tensor.shape)}")
-        return tensor
+        return to_unit_range(x.cpu(), self.spec.data.value_range)
 
 
 def load_checkpoint(

@@ -1,25 +1,42 @@
 """Picture helpers shared by training logs, evaluation, serving and the CLI.
 
-Conventions: model outputs are float (N, C, H, W) in [0, 1] (see LoadedModel.generate); pictures
-on disk and on the wire are uint8 (H, W, C) with C = 1 (grey), 3 (RGB) or 4 (RGBA).
+Conventions: networks work in "model space", pixels scaled linearly to a value range
+(MODEL_VALUE_RANGE = [-1, 1] unless a checkpoint's DataSpec says otherwise); `to_unit_range` is the
+one map from model space to float (N, C, H, W) in [0, 1], the form LoadedModel.generate returns and
+every helper here takes. Pictures on disk and on the wire are uint8 (H, W, C) with C = 1 (grey),
+3 (RGB) or 4 (RGBA).
 """
 
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from diffusion_core.atomic_io import atomic_write_bytes
 from diffusion_core.errors import ConfigError
 
 _MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 # Values this far outside [0, 1] are accepted as float rounding; anything further is a caller bug.
 _RANGE_TOLERANCE = 1e-4
+MODEL_VALUE_RANGE: tuple[float, float] = (-1.0, 1.0)  # prepared datasets decode to [-1, 1] (data.readers)
+
+
+def to_unit_range(x: torch.Tensor, value_range: tuple[float, float] = MODEL_VALUE_RANGE) -> torch.Tensor:
+    """Model-space images with pixels in `value_range` = (low, high) -> float32 in [0, 1]:
+
+        u = clamp((x - low) / (high - low), 0, 1)
+
+    The clamp is deliberate: samplers may overshoot the data range slightly, and every consumer
+    (to_uint8, the feature networks) expects [0, 1]. Shape and device are kept.
+    """
+    low, high = value_range
+    if not low < high:
+        raise ConfigError(f"value_range: low must be below high, got {value_range}")
+    return ((x.float() - low) / (high - low)).clamp(0.0, 1.0)
 
 
 def to_uint8(images: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -90,18 +107,5 @@ def decode_png(data: bytes) -> np.ndarray:
 
 
 def save_png(path: str | Path, image: np.ndarray) -> Path:
-    """Write `image` (see encode_png) to `path` atomically: temp file in the same directory, then rename."""
-    path = Path(path)
-    data = encode_png(image)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write `image` (see encode_png) to `path` atomically (atomic_io.atomic_write_bytes)."""
+    return atomic_write_bytes(path, encode_png(image))

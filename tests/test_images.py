@@ -7,7 +7,16 @@ import pytest
 import torch
 
 from diffusion_core.errors import ConfigError
-from diffusion_core.images import decode_png, encode_png, from_uint8, make_grid, save_png, to_uint8
+from diffusion_core.images import (
+    MODEL_VALUE_RANGE,
+    decode_png,
+    encode_png,
+    from_uint8,
+    make_grid,
+    save_png,
+    to_uint8,
+    to_unit_range,
+)
 
 
 def test_to_uint8_rounds_to_nearest_and_moves_channels_last() -> None:
@@ -74,8 +83,18 @@ def test_save_png_writes_atomically_and_leaves_no_temp_file(tmp_path, monkeypatc
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("diffusion_core.images.os.replace", fail)
+    monkeypatch.setattr("diffusion_core.atomic_io.os.replace", fail)
     with pytest.raises(OSError, match="disk full"):
         save_png(path, np.zeros((4, 4, 1), np.uint8))
     assert np.array_equal(decode_png(path.read_bytes()), image)  # previous file intact
     assert [p.name for p in path.parent.iterdir()] == ["a.png"]
+
+
+def test_to_unit_range_maps_the_value_range_linearly_and_clamps_overshoot() -> None:
+    x = torch.tensor([-1.2, -1.0, 0.0, 0.5, 1.0, 1.3], dtype=torch.float64)
+    assert to_unit_range(x).tolist() == [0.0, 0.0, 0.5, 0.75, 1.0, 1.0]  # default: MODEL_VALUE_RANGE
+    assert MODEL_VALUE_RANGE == (-1.0, 1.0) and to_unit_range(x).dtype == torch.float32
+    pixels = torch.tensor([0, 51, 255], dtype=torch.uint8)
+    assert to_unit_range(pixels, (0.0, 255.0)).tolist() == pytest.approx([0.0, 0.2, 1.0])
+    with pytest.raises(ConfigError, match="value_range"):
+        to_unit_range(x, (1.0, 1.0))

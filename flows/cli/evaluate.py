@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from diffusion_core.atomic_io import atomic_write_text
 from diffusion_core.metrics import EvalConfig, EvalResult
 
 
@@ -57,7 +56,7 @@ def evaluate_command(
     result = evaluate_model(loaded, reference_from_dataset(dataset), config)
     print_result(result)
     if output is not None:
-        write_json_atomically(output, result.model_dump(mode="json"))
+        atomic_write_text(output, json.dumps(result.model_dump(mode="json"), indent=2) + "\n")
 
 
 def local_checkpoint(checkpoint: str) -> Path:
@@ -75,11 +74,3 @@ def print_result(result: EvalResult) -> None:
     for key, value in result.model_dump().items():
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     Console().print(table)
-
-
-def write_json_atomically(path: Path, data: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=2)
-    os.replace(tmp, path)
