@@ -113,6 +113,19 @@ def test_channel_statistics_are_those_of_the_train_split(tmp_path: Path) -> None
     assert len(result.manifest.shards["train"]) == -(-result.manifest.counts["train"] // 50)
 
 
+def test_every_shard_is_cut_into_full_row_groups(tmp_path: Path) -> None:
+    """350 train rows, 100 per shard, 50 per row group: shards [50, 50] x 3 then [50]."""
+    out = tmp_path / "ds"
+    result = prepare(config(save_images(tmp_path / "a.npy", random_images(350)), out, val_fraction=0,
+                            rows_per_row_group=50, rows_per_shard=100))
+    row_groups = []
+    for shard in result.manifest.shards["train"]:
+        metadata = pq.ParquetFile(out / shard.path).metadata
+        row_groups.append([metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)])
+    assert row_groups == [[50, 50], [50, 50], [50, 50], [50]]
+    assert [shard.rows for shard in result.manifest.shards["train"]] == [100, 100, 100, 50]
+
+
 def test_failure_mid_write_leaves_the_previous_dataset_intact(tmp_path: Path) -> None:
     out = tmp_path / "ds"
     prepare(config(save_images(tmp_path / "good.npy", random_images(100)), out))
@@ -125,6 +138,29 @@ def test_failure_mid_write_leaves_the_previous_dataset_intact(tmp_path: Path) ->
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "good.npy", "truncated.npy"]  # no staging
+
+
+def test_failed_swap_restores_the_previous_dataset(tmp_path: Path, monkeypatch) -> None:
+    """Publishing renames the old dataset aside, then the staging directory in; when that second
+    rename fails, the old dataset goes back in place."""
+    import os
+
+    out = tmp_path / "ds"
+    prepare(config(save_images(tmp_path / "good.npy", random_images(100)), out))
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    real_rename = os.rename
+
+    def staging_rename_fails(src, dst, *args, **kwargs):
+        if ".staging-" in str(src) and Path(dst) == out:
+            raise OSError("rename failed")
+        return real_rename(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", staging_rename_fails)
+    with pytest.raises(OSError, match="rename failed"):
+        prepare(config(save_images(tmp_path / "new.npy", random_images(30, seed=5)), out))
+    monkeypatch.undo()
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "good.npy", "new.npy"]
 
 
 def test_interrupted_first_run_leaves_nothing(tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict
 
+from diffusion_core.atomic_io import replace_directory
 from diffusion_core.data.config import PrepareConfig, PrepareParameters
 from diffusion_core.data.manifest import (
     MANIFEST_NAME,
@@ -326,6 +327,7 @@ class _SplitWriter:
     def _close_shard(self) -> None:
         self.writer.close()
         self.writer = None
+        self.rows_in_shard = 0  # the next row starts a new shard with a full-size row group
 
     def close(self) -> list[ShardFile]:
         """Flush the last rows; a split with no rows still gets one empty shard (schema only)."""
@@ -350,18 +352,13 @@ def _publish(fs: pafs.FileSystem, staging: str, root: str, manifest: DatasetMani
 
 def _publish_by_rename(fs: pafs.FileSystem, staging: str, root: str, manifest: DatasetManifest,
                        moves: dict[str, str]) -> None:
-    """Local: finish the staging directory, then swap it in with two renames."""
+    """Local: finish the staging directory, then swap it in (atomic_io.replace_directory: old
+    aside, new in, old restored if that fails)."""
     for final, staged in moves.items():
         fs.move(join(staging, staged), join(staging, final))
     _write_file(fs, join(staging, MANIFEST_NAME), manifest.to_json_bytes())
     fs.create_dir(root.rstrip("/").rpartition("/")[0], recursive=True)
-    if fs.get_file_info(root).type == pafs.FileType.NotFound:
-        fs.move(staging, root)
-        return
-    retired = f"{staging}.retired"
-    fs.move(root, retired)
-    fs.move(staging, root)
-    fs.delete_dir(retired)
+    replace_directory(staging, root)
 
 
 def _publish_manifest_last(fs: pafs.FileSystem, staging: str, root: str, manifest: DatasetManifest,
