@@ -21,6 +21,10 @@ from diffusion_core.errors import ConfigError, config_error_from
 
 M = TypeVar("M", bound=BaseModel)
 
+# The environment variable naming the config file (the CLI's --config, and `retrain` runs started
+# by a Prefect deployment, read it).
+CONFIG_ENV = "DIFFUSION_PIPELINE_CONFIG"
+
 # Environment variables that users of Ray and MLflow already set, mapped to the field they fill
 # wherever a config model has that field.
 ENV_FIELDS: dict[str, str] = {

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,7 +24,6 @@ from typing import Any, TypeVar
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from diffusion_core.adapters.mlflow_registry import (
@@ -32,20 +32,22 @@ from diffusion_core.adapters.mlflow_registry import (
     RegistryConfig,
     RegistryError,
     download_checkpoint,
+    list_versions,
     resolve_version,
 )
 from diffusion_core.adapters.ray_train import TrainResult
 from diffusion_core.data.config import PrepareConfig, PrepareParameters
 from diffusion_core.data.manifest import DatasetManifest
 from diffusion_core.data.prepare import PrepareResult
-from diffusion_core.errors import DiffusionPipelineError, config_error_from
+from diffusion_core.errors import ConfigError, DiffusionPipelineError, config_error_from
 from diffusion_core.metrics import EvalConfig, EvalResult
 from diffusion_core.training import TrainConfig
 from diffusion_core.unet import UNetConfig
+from flows.config import CONFIG_ENV, build_config, read_config_file
 from flows.deploy import DeployResult, deploy
 from flows.evaluate import EvaluateOutcome, evaluate_and_register
 from flows.prepare import prepare_dataset
-from flows.train import train_task
+from flows.train import prefect_tags, train_task
 from serving.config import ServeSettings
 
 logger = logging.getLogger(__name__)
@@ -61,6 +63,25 @@ _PLACEMENT_FIELDS = frozenset({
     "placement_strategy", "max_failures", "num_to_keep", "checkpoint_every", "log_every",
     "sample_every", "num_sample_images", "warm_start", "fault_injection", "compile",
 })
+
+
+# TrainConfig fields that the pipeline derives (the dataset it prepared, a run name from the
+# training key, the champion's weights for a warm start).
+_PIPELINE_OWNED_TRAIN_FIELDS = frozenset({"dataset", "run_name", "warm_start"})
+
+
+def _explicit(model: BaseModel, field: str) -> Any:
+    """The field's value if it was set explicitly (file, env or flag), else None."""
+    return getattr(model, field) if field in model.model_fields_set else None
+
+
+def _single_value(name: str, candidates: dict[str, Any]) -> Any:
+    """The one value set among `candidates` (None = unset); ConfigError when two disagree."""
+    given = {where: value for where, value in candidates.items() if value is not None}
+    if len(set(given.values())) > 1:
+        listed = ", ".join(f"{where}={value!r}" for where, value in given.items())
+        raise ConfigError(f"{name}: set to different values ({listed}); accepted: one value, set once")
+    return next(iter(given.values()), None)
 
 
 class PipelineStageError(DiffusionPipelineError):
@@ -103,10 +124,14 @@ class PipelineConfig(BaseModel):
 
     @model_validator(mode="after")
     def _train_fields_are_valid(self) -> PipelineConfig:
+        for field in _PIPELINE_OWNED_TRAIN_FIELDS & self.train.keys():
+            raise ConfigError(f"train.{field}: set by the pipeline; accepted: leave it out "
+                              f"(use pipeline.source / pipeline.dataset_uri / --force-train instead)")
         try:
             TrainConfig(dataset="<set by the pipeline>", **self.train)
         except ValidationError as err:
             raise config_error_from(err, prefix="train") from None
+        self.resolved_tracking_uri(), self.resolved_model_name(), self.resolved_ray_address()
         return self
 
     # -- resolved stage configs ---------------------------------------------------------------
@@ -115,10 +140,29 @@ class PipelineConfig(BaseModel):
         return Path(self.work_dir).expanduser().resolve()
 
     def resolved_tracking_uri(self) -> str:
-        """The configured URI, else MLFLOW_TRACKING_URI (as every MLflow user expects, also in runs
-        that a Prefect deployment starts), else a SQLite store in work_dir."""
-        return (self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        """The one MLflow store of the whole pipeline: `tracking_uri`, or the same field of a stage
+        section (registry, serving, train) when only that one is set, else MLFLOW_TRACKING_URI
+        (also in runs that a Prefect deployment starts), else a SQLite store in work_dir."""
+        given = _single_value("tracking_uri", {
+            "pipeline.tracking_uri": self.tracking_uri,
+            "registry.tracking_uri": self.registry.tracking_uri,
+            "serving.tracking_uri": self.serving.tracking_uri,
+            "train.tracking_uri": self.train.get("tracking_uri"),
+        })
+        return (given or os.environ.get("MLFLOW_TRACKING_URI")
                 or f"sqlite:///{self.work_path() / 'mlflow.db'}")
+
+    def resolved_model_name(self) -> str:
+        given = _single_value("model_name", {
+            "pipeline.model_name": self.model_name,
+            "registry.model_name": _explicit(self.registry, "model_name"),
+            "serving.model_name": _explicit(self.serving, "model_name"),
+        })
+        return given or self.registry.model_name
+
+    def resolved_ray_address(self) -> str | None:
+        return _single_value("ray_address", {"pipeline.ray_address": self.ray_address,
+                                             "train.ray_address": self.train.get("ray_address")})
 
     def resolved_dataset_uri(self) -> str:
         if self.dataset_uri:
@@ -131,30 +175,27 @@ class PipelineConfig(BaseModel):
                              **self.prepare.model_dump())
 
     def registry_config(self) -> RegistryConfig:
-        update: dict[str, Any] = {"tracking_uri": self.resolved_tracking_uri()}
-        if self.model_name:
-            update["model_name"] = self.model_name
+        update: dict[str, Any] = {"tracking_uri": self.resolved_tracking_uri(),
+                                  "model_name": self.resolved_model_name()}
         if self.promotion_margin is not None:
             update["gate_margin"] = self.promotion_margin
         return self.registry.model_copy(update=update)
 
     def serve_settings(self) -> ServeSettings:
         """Serve the registered model this pipeline registers, from the same tracking store."""
-        registry = self.registry_config()
-        return self.serving.model_copy(update={"model_name": registry.model_name,
-                                               "tracking_uri": registry.tracking_uri})
+        return self.serving.model_copy(update={"model_name": self.resolved_model_name(),
+                                               "tracking_uri": self.resolved_tracking_uri()})
 
     def train_config(self, dataset: DatasetManifest, dataset_uri: str, run_name: str,
                      warm_start: str | None) -> TrainConfig:
         fields: dict[str, Any] = {
             "storage_path": str(self.work_path() / "ray_results"),
-            "artifact_location": (self.work_path() / "mlartifacts").as_uri(),
             **self.train,
             "unet": unet_fields_for(dataset, self.train.get("unet") or {}),
             "dataset": dataset_uri,
             "run_name": run_name,
             "tracking_uri": self.resolved_tracking_uri(),
-            "ray_address": self.ray_address,
+            "ray_address": self.resolved_ray_address(),
         }
         if warm_start:
             fields["warm_start"] = warm_start
@@ -178,6 +219,33 @@ class PipelineResult(BaseModel):
     decision: str
     metrics: dict[str, float]
     served_url: str | None = None
+
+
+# Config-file sections that PipelineConfig embeds, and the field each fills.
+_EMBEDDED_SECTIONS = {"prepare": "prepare", "train": "train", "evaluate": "evaluate",
+                      "registry": "registry", "serve": "serving"}
+
+
+def load_pipeline_config(path: str | Path | None = None,
+                         overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """PipelineConfig the way every command builds it: the config file (section `pipeline` plus the
+    stage sections it embeds; `path`, else the file named by DIFFUSION_PIPELINE_CONFIG), then the
+    environment, then `overrides` (dotted keys; None values ignored)."""
+    path = path or os.environ.get(CONFIG_ENV) or None
+    sections = read_config_file(path)
+    data: dict[str, Any] = dict(sections.get("pipeline") or {})
+    for section, field in _EMBEDDED_SECTIONS.items():
+        stage = dict(sections.get(section) or {})
+        if section == "prepare":  # the pipeline owns where data comes from and goes
+            if "source" in stage:
+                data.setdefault("source", stage.pop("source"))
+            if "output" in stage:
+                data.setdefault("dataset_uri", stage.pop("output"))
+        if section == "train":
+            stage.pop("dataset", None)  # the `train` command's input; the pipeline prepares its own
+        if stage:
+            data[field] = {**stage, **(data.get(field) or {})}
+    return build_config(PipelineConfig, data, "pipeline", overrides)
 
 
 def unet_fields_for(dataset: DatasetManifest, given: dict[str, Any]) -> dict[str, Any]:
@@ -216,13 +284,47 @@ def current_champion(registry: RegistryConfig) -> ModelVersionInfo | None:
         return None
 
 
+@task(name="registered-with-key", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def registered_with_key(registry: RegistryConfig, key: str) -> ModelVersionInfo | None:
+    """The newest version trained from the same data and config (any alias), or None. A rejected or
+    rolled-back version counts too, so the pipeline does not retrain and re-promote it."""
+    try:
+        versions = list_versions(registry.model_name, registry.tracking_uri)
+    except RegistryError:
+        return None
+    matching = [v for v in versions if v.tags.get(TRAIN_KEY_TAG) == key]
+    return max(matching, key=lambda v: int(v.version), default=None)
+
+
 @task(name="warm-start-checkpoint", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
 def champion_checkpoint(champion: ModelVersionInfo, registry: RegistryConfig, work_dir: Path) -> str:
+    """The champion's checkpoint under work_dir (downloaded once; a partial download never counts).
+    On a multi-node cluster work_dir must be shared storage: the workers read this path."""
     dst = work_dir / "warm_start" / f"{champion.name}-v{champion.version}"
     if not (dst / "spec.json").is_file():
         dst.parent.mkdir(parents=True, exist_ok=True)
-        download_checkpoint(champion.model_uri, dst, registry.tracking_uri)
+        with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".download-") as tmp:
+            download_checkpoint(champion.model_uri, Path(tmp) / "ckpt", registry.tracking_uri)
+            os.replace(Path(tmp) / "ckpt", dst)
     return str(dst)
+
+
+def local_checkpoint(checkpoint: str, work_dir: Path) -> Path:
+    """A local directory holding `checkpoint`, copied from remote storage (s3://, gs://, ...)
+    into work_dir when Ray Train wrote it there; evaluation and registration read local files."""
+    if "://" not in checkpoint or checkpoint.startswith("file://"):
+        return Path(checkpoint.removeprefix("file://"))
+    from pyarrow import fs
+
+    dst = work_dir / "checkpoints" / Path(checkpoint.rstrip("/")).name
+    if not (dst / "spec.json").is_file():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".download-") as tmp:
+            source, path = fs.FileSystem.from_uri(checkpoint)
+            fs.copy_files(path, str(Path(tmp) / "ckpt"), source_filesystem=source,
+                          destination_filesystem=fs.LocalFileSystem())
+            os.replace(Path(tmp) / "ckpt", dst)
+    return dst
 
 
 def _run_name(key: str, force: bool) -> str:
@@ -251,8 +353,12 @@ def _publish_summary(result: PipelineResult, tracking_uri: str) -> None:
 
 @flow(name="retrain", log_prints=False)
 def retrain(config: PipelineConfig | None = None) -> PipelineResult:
-    """prepare -> train -> evaluate_and_register -> deploy; see the module docstring."""
-    config = config or PipelineConfig()
+    """prepare -> train -> evaluate_and_register -> deploy; see the module docstring.
+
+    With no `config` (a scheduled run whose deployment sets no parameters), the configuration is
+    read like the CLI reads it: the file named by DIFFUSION_PIPELINE_CONFIG, then the environment.
+    """
+    config = config or load_pipeline_config()
     log = get_run_logger()
     registry = config.registry_config()
 
@@ -261,27 +367,30 @@ def retrain(config: PipelineConfig | None = None) -> PipelineResult:
 
     champion = run_stage("registry", current_champion, registry)
     key = training_key(fingerprint, config.train_config(dataset.manifest, dataset.uri, "key", None))
-    if champion is not None and champion.tags.get(TRAIN_KEY_TAG) == key and not config.force_train:
-        log.info("data %s and training config match champion v%s: skipping training",
-                 fingerprint[:12], champion.version)
-        result = _unchanged_result(config, dataset, champion)
+    previous = (champion if champion is not None and champion.tags.get(TRAIN_KEY_TAG) == key
+                else run_stage("registry", registered_with_key, registry, key))
+    if previous is not None and not config.force_train:
+        log.info("data %s and training config match v%s%s: skipping training", fingerprint[:12],
+                 previous.version, " (champion)" if previous == champion else "")
+        result = _unchanged_result(dataset, previous, is_champion=previous == champion)
     else:
         warm = (run_stage("warm-start", champion_checkpoint, champion, registry, config.work_path())
                 if config.warm_start and champion is not None else None)
         run_name = _run_name(key, config.force_train)
         train_cfg = config.train_config(dataset.manifest, dataset.uri, run_name, warm)
         trained: TrainResult = run_stage("train", train_task, train_cfg)
+        checkpoint = run_stage("evaluate", local_checkpoint, trained.checkpoint_path, config.work_path())
         outcome: EvaluateOutcome = run_stage(
-            "evaluate", evaluate_and_register, Path(trained.checkpoint_path), dataset.uri,
+            "evaluate", evaluate_and_register, checkpoint, dataset.uri,
             eval_config=config.evaluate, registry_config=registry, training_run_id=trained.run_id,
-            extra_tags={TRAIN_KEY_TAG: key, "prefect.flow_run_id": str(flow_run.id or "")},
+            extra_tags={TRAIN_KEY_TAG: key, **prefect_tags()},
         )
         result = _trained_result(config, dataset, trained, outcome)
 
     if _should_deploy(config, result):
         deployed: DeployResult = run_stage(
             "deploy", deploy, result.model_name, "champion", settings=config.serve_settings(),
-            start_if_not_running=config.serve, ray_address=config.ray_address)
+            start_if_not_running=config.serve, ray_address=config.resolved_ray_address())
         log.info("deploy: %s (%s v%s at %s)", deployed.action, deployed.model_name, deployed.version,
                  deployed.url)
         if deployed.action != "not_running":
@@ -290,16 +399,16 @@ def retrain(config: PipelineConfig | None = None) -> PipelineResult:
     return result
 
 
-def _unchanged_result(config: PipelineConfig, dataset: PrepareResult,
-                      champion: ModelVersionInfo) -> PipelineResult:
-    # The champion's recorded evaluation: version tags named like EvalResult.as_metrics() keys.
+def _unchanged_result(dataset: PrepareResult, version: ModelVersionInfo, is_champion: bool) -> PipelineResult:
+    # The version's recorded evaluation: version tags named like EvalResult.as_metrics() keys.
     names = {f"eval_{field}" for field in EvalResult.model_fields}
-    metrics = {k: float(v) for k, v in champion.tags.items() if k in names and _is_float(v)}
+    metrics = {k: float(v) for k, v in version.tags.items() if k in names and _is_float(v)}
     return PipelineResult(
         dataset_uri=dataset.uri, dataset_fingerprint=dataset.manifest.fingerprint,
         dataset_reused=dataset.reused, trained=False, training_run_id=None, checkpoint_path=None,
-        model_name=champion.name, version=champion.version, became_champion=False,
-        decision="unchanged", metrics=metrics,
+        model_name=version.name, version=version.version, became_champion=False,
+        decision="unchanged" if is_champion else "unchanged (registered before, not champion)",
+        metrics=metrics,
     )
 
 
@@ -333,4 +442,4 @@ def _should_deploy(config: PipelineConfig, result: PipelineResult) -> bool:
         return False
     import ray
 
-    return ray.is_initialized() or bool(config.ray_address or os.environ.get("RAY_ADDRESS"))
+    return ray.is_initialized() or bool(config.resolved_ray_address() or os.environ.get("RAY_ADDRESS"))

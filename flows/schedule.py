@@ -29,6 +29,18 @@ class RetrainSchedule(BaseModel):
     work_pool: str = Field("diffusion-pool", min_length=1)
     tags: tuple[str, ...] = ("diffusion", "retrain")
 
+    @field_validator("timezone")
+    @classmethod
+    def _valid_timezone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ConfigError(f"schedule.timezone: {value!r} is not an IANA time zone "
+                              "(e.g. 'UTC', 'Europe/Paris')") from None
+        return value
+
     @field_validator("cron")
     @classmethod
     def _valid_cron(cls, value: str) -> str:
@@ -45,7 +57,14 @@ class RetrainSchedule(BaseModel):
 
 
 def deployment_parameters(config: Any) -> dict[str, Any]:
-    """Flow-run parameters of `retrain` for a PipelineConfig (only what differs from defaults)."""
+    """Flow-run parameters of `retrain` for a PipelineConfig (only what differs from defaults).
+
+    None gives no parameters: each run then reads its configuration where it runs (the file named by
+    DIFFUSION_PIPELINE_CONFIG, then MLFLOW_TRACKING_URI / RAY_ADDRESS), which is what a work pool on
+    a cluster wants; `diffusion-pipeline schedule` passes the config it was given instead.
+    """
+    if config is None:
+        return {}
     return {"config": config.model_dump(mode="json", exclude_defaults=True)}
 
 
@@ -93,13 +112,10 @@ PREFECT_YAML_HEADER = """\
 
 
 def render_prefect_yaml(schedule: RetrainSchedule | None = None, config: Any = None) -> str:
-    """prefect.yaml for the default schedule and the default pipeline parameters (serving on)."""
+    """prefect.yaml for the default schedule; with no `config`, runs read the worker's config file."""
     import yaml
 
-    from flows.pipeline import PipelineConfig
-
     schedule = schedule or RetrainSchedule()
-    config = config or PipelineConfig(serve=True)
     document = {
         "name": "diffusion-pipeline",
         "prefect-version": "3.9.1",

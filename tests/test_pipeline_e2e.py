@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import free_port
 
 from diffusion_core.checkpoint import load_checkpoint
 from diffusion_core.data.manifest import read_manifest
 from flows.pipeline import TRAIN_KEY_TAG, PipelineConfig, PipelineResult, retrain
 from flows.schedule import RetrainSchedule, runner_deployment
-from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -35,8 +35,8 @@ def test_prefect_yaml_points_at_the_flow_and_its_parameters_validate() -> None:
 
     flow = load_flow_from_entrypoint(str(ROOT / ENTRYPOINT))
     assert flow.name == "retrain" and func == "retrain"
-    # The scheduled parameters must be a valid PipelineConfig (they reach the flow as JSON).
-    assert PipelineConfig.model_validate(entry["parameters"]["config"]).serve is True
+    # No parameters: each run reads the worker's DIFFUSION_PIPELINE_CONFIG file.
+    assert entry["parameters"] == {}
     assert entry["schedules"][0]["cron"] == RetrainSchedule().cron
 
 
@@ -45,10 +45,12 @@ def test_bad_cron_is_refused_naming_the_field() -> None:
         build_config(RetrainSchedule, {"cron": "every night"}, "schedule")
     with pytest.raises(ConfigError, match="cron"):
         build_config(RetrainSchedule, {"cron": "0 3 * *"}, "schedule")
+    with pytest.raises(ConfigError, match=r"schedule\.timezone"):
+        build_config(RetrainSchedule, {"timezone": "Mars/Base"}, "schedule")
 
 
 def test_runner_deployment_carries_schedule_and_parameters() -> None:
-    config = PipelineConfig(source="digits", work_dir="/data/work", train={"steps": 7})
+    config = PipelineConfig(source="digits", work_dir="/data/work", train={"steps": 700})
     deployment = runner_deployment(RetrainSchedule(cron="15 4 * * 1", timezone="Europe/Paris"), config)
     assert deployment.name == "retrain-nightly"
     (schedule,) = deployment.schedules

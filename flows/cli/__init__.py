@@ -14,6 +14,7 @@ from pathlib import Path
 import typer
 
 from diffusion_core.errors import DiffusionPipelineError
+from flows.config import CONFIG_ENV
 
 SUBCOMMANDS = (
     "prepare", "train", "evaluate", "register", "promote", "rollback",
@@ -40,8 +41,9 @@ class GlobalOptions:
 def _global(
     config: Path | None = typer.Option(
         None, "--config", "-c", help="YAML or TOML file with one section per stage "
-        "(prepare, train, evaluate, registry, serve, pipeline). Flags override it; "
-        "MLFLOW_TRACKING_URI and RAY_ADDRESS override it too.", envvar="DIFFUSION_PIPELINE_CONFIG",
+        "(prepare, train, evaluate, registry, serve, pipeline, schedule); give it before the "
+        "subcommand. MLFLOW_TRACKING_URI and RAY_ADDRESS override it; flags override both.",
+        envvar=CONFIG_ENV,
     ),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks and debug logs."),
 ) -> None:
@@ -55,21 +57,17 @@ def _global(
 
 def _register_all() -> None:
     for name in SUBCOMMANDS:
-        try:
-            module = importlib.import_module(f"flows.cli.{name}")
-        except ModuleNotFoundError as err:
-            if err.name == f"flows.cli.{name}":
-                continue  # subcommand not built yet
-            raise
-        module.register(app)
+        importlib.import_module(f"flows.cli.{name}").register(app)
 
 
 _register_all()
 
 
 def main(argv: list[str] | None = None) -> None:
+    from typer._click.exceptions import ClickException  # typer 0.29 vendors its click
+
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
     except DiffusionPipelineError as err:
         if GlobalOptions.debug:
             raise
@@ -80,18 +78,16 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         typer.secho("interrupted", err=True)
         sys.exit(130)
+    except ClickException as err:  # usage errors: click's own message and code
+        err.show()
+        sys.exit(err.exit_code)
+    except typer.Abort:
+        sys.exit(1)
     except Exception as err:  # the CLI's last line of defence
-        import click
-
-        if isinstance(err, click.exceptions.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
-        if isinstance(err, click.exceptions.Exit):
-            sys.exit(err.exit_code)
-        if isinstance(err, click.exceptions.Abort):
-            sys.exit(1)
         if GlobalOptions.debug:
             raise
         typer.secho(f"error: {type(err).__name__}: {err}", fg=typer.colors.RED, err=True)
         typer.secho("hint: rerun with --debug for the full traceback", err=True)
         sys.exit(1)
+    # standalone_mode=False returns typer.Exit codes instead of exiting.
+    sys.exit(code if isinstance(code, int) else 0)

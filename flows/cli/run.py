@@ -15,37 +15,18 @@ from typing import Any
 import typer
 
 from flows.cli import GlobalOptions
-from flows.config import build_config, read_config_file
 
 logger = logging.getLogger(__name__)
-
-# Config-file sections that PipelineConfig embeds, and the field each fills.
-_EMBEDDED_SECTIONS = {"prepare": "prepare", "train": "train", "evaluate": "evaluate",
-                      "registry": "registry", "serve": "serving"}
-
 
 def register(app: typer.Typer) -> None:
     app.command("run")(run_command)
 
 
 def pipeline_config(overrides: dict[str, Any]):  # -> PipelineConfig
-    """PipelineConfig from the config file (section `pipeline` plus the stage sections), the
-    environment and `overrides` (None values are ignored)."""
-    from flows.pipeline import PipelineConfig
+    """PipelineConfig from --config (or DIFFUSION_PIPELINE_CONFIG), the environment and flags."""
+    from flows.pipeline import load_pipeline_config
 
-    sections = read_config_file(GlobalOptions.config)
-    data: dict[str, Any] = dict(sections.get("pipeline") or {})
-    for section, field in _EMBEDDED_SECTIONS.items():
-        stage = dict(sections.get(section) or {})
-        if section == "prepare":  # the pipeline owns where data comes from and goes
-            data.setdefault("source", stage.pop("source", None) or "digits")
-            if "output" in stage:
-                data.setdefault("dataset_uri", stage.pop("output"))
-        if section == "train":
-            stage.pop("dataset", None)
-        if stage:
-            data[field] = {**stage, **(data.get(field) or {})}
-    return build_config(PipelineConfig, data, "pipeline", overrides)
+    return load_pipeline_config(GlobalOptions.config, overrides)
 
 
 def run_command(
@@ -78,7 +59,7 @@ def run_command(
         "serving.port": port, "serve": True,
     })
     started = time.monotonic()
-    _start_ray(config.ray_address)
+    own_ray = _start_ray(config.resolved_ray_address())
     try:
         from flows.pipeline import retrain
 
@@ -89,27 +70,33 @@ def run_command(
             typer.echo("serving; press Ctrl-C to stop")
             _block()
     finally:
-        _stop_ray()
+        if own_ray:
+            _stop_ray()
+        else:
+            typer.echo("the Serve app stays up on the cluster at RAY_ADDRESS")
 
 
-def _start_ray(address: str | None) -> None:
+def _start_ray(address: str | None) -> bool:
+    """Connect to `address` (or RAY_ADDRESS), else start a local Ray with this machine's CPUs that
+    outlives training so that Serve can run in it. True when this process started (and so owns) it."""
+    import os
+
     import ray
 
-    if not ray.is_initialized():
-        # A local Ray with this machine's CPUs unless an address (or RAY_ADDRESS) says otherwise; it
-        # outlives training so that Serve can run in it.
-        ray.init(address=address, configure_logging=False, include_dashboard=False)
+    if ray.is_initialized():
+        return False
+    ray.init(address=address, configure_logging=False, include_dashboard=False)
+    return not (address or os.environ.get("RAY_ADDRESS"))
 
 
 def _stop_ray() -> None:
     import ray
     from ray import serve
 
-    if ray.is_initialized():
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
 
 
 def _fetch_grid(config, result, num_images: int) -> Path:
