@@ -4,7 +4,8 @@ What is measured (all in the dataset's own feature space, see `metrics_features`
 - `fd`: Fréchet distance between generated samples and the validation split (lower is better).
 - `precision` / `recall`: k-NN improved precision and recall (Kynkäänniemi et al. 2019).
 - `class_histogram` / `class_entropy`: how the feature classifier labels the samples; entropy 1.0
-  means every class appears equally often, low entropy means mode collapse.
+  means every class appears equally often, low entropy means mode collapse. Unlabelled datasets
+  have no classes (random features), so their `class_entropy` is None.
 - `label_accuracy`: for class-conditional sampling, the fraction of samples classified as the label
   they were generated for.
 - `inception_fid`: standard FID, only when a local Inception file is configured (`metrics_fid`).
@@ -27,6 +28,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
+from diffusion_core.images import MODEL_VALUE_RANGE, to_unit_range
 from diffusion_core.metrics_features import (
     FeatureExtractor,
     FeatureNetConfig,
@@ -81,7 +83,7 @@ class EvalResult(BaseModel):
     precision: float
     recall: float
     class_histogram: list[float]
-    class_entropy: float
+    class_entropy: float | None  # None for unlabelled datasets (no classifier)
     label_accuracy: float | None = None
     inception_fid: float | None = None
     feature_kind: str
@@ -108,8 +110,9 @@ class ReferenceData:
     @classmethod
     def from_model_space(cls, fingerprint: str, train_images: Tensor, train_labels: Tensor | None,
                          val_images: Tensor, num_classes: int | None) -> ReferenceData:
-        """From reader tensors in [-1, 1] (the prepared-dataset convention)."""
-        return cls(fingerprint, (train_images + 1) / 2, train_labels, (val_images + 1) / 2, num_classes)
+        """From reader tensors in [-1, 1] (the prepared-dataset convention, MODEL_VALUE_RANGE)."""
+        return cls(fingerprint, to_unit_range(train_images, MODEL_VALUE_RANGE), train_labels,
+                   to_unit_range(val_images, MODEL_VALUE_RANGE), num_classes)
 
 
 def reference_from_dataset(dataset_uri: str) -> ReferenceData:
@@ -157,8 +160,8 @@ def evaluate_samples(
 ) -> dict[str, float | list[float] | None]:
     """The feature-space numbers for `samples` against `real_images` (both (N, C, H, W) in [0, 1]).
 
-    Returns fd, precision, recall, class_histogram, class_entropy and label_accuracy (None unless
-    `requested_labels` (N,) is given).
+    Returns fd, precision, recall, class_histogram, class_entropy (None for a random-feature
+    extractor, which has no classes) and label_accuracy (None unless `requested_labels` (N,) is given).
     """
     real_feats, _ = extractor.features_and_predictions(real_images)
     fake_feats, predicted = extractor.features_and_predictions(samples)
@@ -167,9 +170,9 @@ def evaluate_samples(
     label_accuracy = None
     if requested_labels is not None:
         label_accuracy = float((predicted == requested_labels).to(torch.float64).mean())
+    entropy = normalised_entropy(histogram) if extractor.kind == "trained_classifier" else None
     return {"fd": frechet_distance(real_feats, fake_feats), "precision": precision, "recall": recall,
-            "class_histogram": histogram, "class_entropy": normalised_entropy(histogram),
-            "label_accuracy": label_accuracy}
+            "class_histogram": histogram, "class_entropy": entropy, "label_accuracy": label_accuracy}
 
 
 def requested_labels_for(loaded: LoadedModel, config: EvalConfig) -> Tensor | None:
@@ -216,6 +219,5 @@ def evaluate_model(
         fid = inception_fid(reference.val_images, samples, inception)
     key = eval_settings_key(reference.fingerprint, len(reference.val_images), config)
     result = EvalResult(**numbers, inception_fid=fid, feature_kind=extractor.kind, eval_key=key)
-    logger.info("evaluation: fd=%.4f precision=%.3f recall=%.3f entropy=%.3f label_acc=%s", result.fd,
-                result.precision, result.recall, result.class_entropy, result.label_accuracy)
+    logger.info("evaluation (%s features): %s", result.feature_kind, result.as_metrics())
     return result

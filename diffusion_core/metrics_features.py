@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -28,6 +27,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from diffusion_core.atomic_io import replace_directory
 
 logger = logging.getLogger(__name__)
 
@@ -144,17 +145,19 @@ def accuracy(net: FeatureNet, images: Tensor, labels: Tensor) -> float:
 
 
 def _write_atomically(directory: Path, net: FeatureNet, meta: dict) -> None:
-    """Write weights + meta into a temp dir beside `directory`, then rename it into place."""
+    """Write weights + meta into a temp dir beside `directory`, then publish it with
+    atomic_io.replace_directory (a half-written cache entry is never visible)."""
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
     try:
         save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp / WEIGHTS_FILE))
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
-        os.rename(tmp, directory)
-    except OSError:
-        if directory.is_dir():  # another process cached the same classifier first: keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
+        if (directory / META_FILE).is_file():  # another process cached the same classifier first
+            logger.info("feature classifier: %s was cached meanwhile; keeping that copy", directory)
+            shutil.rmtree(tmp)
             return
+        replace_directory(tmp, directory)
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 

@@ -29,8 +29,13 @@ logger = logging.getLogger(__name__)
 InceptionInput = Literal["nvlabs_uint8", "float_299"]
 
 
-class _InceptionAdapter(nn.Module):
-    """Maps torchmetrics' uint8 (N, C, H, W) batches onto the TorchScript module's convention."""
+class InceptionAdapter(nn.Module):
+    """Maps uint8 (N, C, H, W) batches in 0..255 onto the TorchScript module's convention.
+
+    `inception_fid` hands torchmetrics uint8 itself: with a custom `feature=` module torchmetrics
+    ignores `normalize=True` (it passes the images through untouched), so the conversion from
+    [0, 1] floats happens exactly once, in `to_uint8_pixels`, and here only uint8 is accepted.
+    """
 
     def __init__(self, scripted: nn.Module, convention: InceptionInput) -> None:
         super().__init__()
@@ -38,9 +43,11 @@ class _InceptionAdapter(nn.Module):
         self.convention = convention
 
     def forward(self, images_uint8: Tensor) -> Tensor:
+        if images_uint8.dtype != torch.uint8:
+            raise ValueError(f"images: expected uint8 pixels in 0..255, got {images_uint8.dtype}")
         x = images_uint8.expand(-1, 3, -1, -1) if images_uint8.shape[1] == 1 else images_uint8
         if self.convention == "nvlabs_uint8":
-            return self.scripted(x.to(torch.uint8), return_features=True)
+            return self.scripted(x, return_features=True)
         x = nn.functional.interpolate(x.to(torch.float32) / 255, size=(299, 299), mode="bilinear",
                                       align_corners=False)
         return self.scripted(x)
@@ -60,16 +67,23 @@ def load_inception(path: Path | str | None, convention: InceptionInput = "nvlabs
                           hint="point it at a local TorchScript Inception (e.g. inception-2015-12-05.pt)")
     # TorchScript archives are code + tensors loaded by the TorchScript loader, not arbitrary pickles.
     scripted = torch.jit.load(str(p), map_location="cpu").eval()
-    return _InceptionAdapter(scripted, convention).eval()
+    return InceptionAdapter(scripted, convention).eval()
+
+
+def to_uint8_pixels(images: Tensor) -> Tensor:
+    """(N, C, H, W) floats in [0, 1] -> uint8 0..255, rounding v * 255 to the nearest integer (the
+    same rounding as images.to_uint8, which writes PNGs)."""
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
 @torch.no_grad()
 def inception_fid(real: Tensor, fake: Tensor, inception: nn.Module, batch_size: int = 64) -> float:
-    """FID between (N, C, H, W) image sets in [0, 1] with torchmetrics and a local Inception."""
+    """FID between (N, C, H, W) image sets in [0, 1] with torchmetrics and a local Inception
+    (an `InceptionAdapter`, as returned by `load_inception`)."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    metric = FrechetInceptionDistance(feature=inception, normalize=True)
+    metric = FrechetInceptionDistance(feature=inception)  # normalize=False: it receives uint8
     for images, is_real in ((real, True), (fake, False)):
         for chunk in images.split(batch_size):
-            metric.update(chunk.clamp(0, 1), real=is_real)
+            metric.update(to_uint8_pixels(chunk), real=is_real)
     return float(metric.compute())

@@ -88,8 +88,9 @@ def class_histogram(predicted: Tensor, num_classes: int) -> list[float]:
 
 def normalised_entropy(histogram: list[float]) -> float:
     """Shannon entropy of a class histogram divided by log K: 1 when all K classes are equally
-    frequent, 0 when every sample falls in one class (mode collapse)."""
+    frequent, 0 when every sample falls in one class (mode collapse). Needs K >= 2 classes (with
+    one class there is no diversity to measure, and log 1 = 0)."""
     if len(histogram) < 2:
-        return 1.0
+        raise ValueError(f"histogram: normalised entropy needs >= 2 classes, got {len(histogram)}")
     entropy = -sum(p * math.log(p) for p in histogram if p > 0)
     return max(0.0, entropy / math.log(len(histogram)))  # no -0.0 for a single class

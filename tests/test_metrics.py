@@ -13,14 +13,14 @@ import torch
 from sklearn.datasets import load_digits
 
 from diffusion_core.errors import ConfigError
-from diffusion_core.metrics import EvalConfig, ReferenceData, eval_settings_key, evaluate_samples
+from diffusion_core.metrics import EvalConfig, EvalResult, ReferenceData, eval_settings_key, evaluate_samples
 from diffusion_core.metrics_features import (
     FeatureNetConfig,
     accuracy,
     random_feature_extractor,
     trained_feature_extractor,
 )
-from diffusion_core.metrics_fid import inception_fid, load_inception
+from diffusion_core.metrics_fid import InceptionAdapter, inception_fid, load_inception, to_uint8_pixels
 from diffusion_core.metrics_stats import (
     class_histogram,
     frechet_distance,
@@ -87,6 +87,8 @@ def test_class_histogram_and_entropy() -> None:
     assert uniform == pytest.approx([0.1] * 10)
     assert normalised_entropy(uniform) == pytest.approx(1.0)
     assert normalised_entropy(class_histogram(torch.full((50,), 3), 10)) == 0.0
+    with pytest.raises(ValueError, match="needs >= 2 classes"):  # one class says nothing about diversity
+        normalised_entropy([1.0])
 
 
 # ---------------------------------------------------------------------------------- digits: the data
@@ -166,6 +168,23 @@ def test_random_feature_fallback_still_separates_noise(digits) -> None:
     assert evaluate_samples(corrupt["gaussian noise"], digits.val_images, same)["fd"] == noise["fd"]
 
 
+def test_unlabelled_evaluation_reports_no_class_entropy(digits) -> None:
+    """Random features have one dummy class: an entropy of 1.0 would read as perfect diversity."""
+    numbers = evaluate_samples(digits.train_images[:100], digits.val_images, random_feature_extractor(1,
+                               FeatureNetConfig()))
+    assert numbers["class_entropy"] is None
+    result = EvalResult(**numbers, feature_kind="random_features", eval_key="k")
+    assert "eval_class_entropy" not in result.as_metrics()
+    assert set(result.as_metrics()) == {"eval_fd", "eval_precision", "eval_recall"}
+
+
+def test_reference_from_model_space_maps_minus_one_one_to_unit_range() -> None:
+    x = torch.tensor([-1.0, 0.0, 1.0]).reshape(1, 1, 1, 3)
+    reference = ReferenceData.from_model_space("fp", x, None, x, None)
+    assert reference.train_images.flatten().tolist() == [0.0, 0.5, 1.0]
+    assert reference.val_images.flatten().tolist() == [0.0, 0.5, 1.0]
+
+
 def test_eval_key_changes_with_every_setting_that_changes_the_number() -> None:
     base = EvalConfig()
     key = eval_settings_key("fp", 360, base)
@@ -198,6 +217,53 @@ def test_inception_fid_through_torchmetrics_with_a_local_torchscript_file(digits
     real = inception_fid(digits.val_images[:100], corrupt["real (held-out train images)"][:100], inception)
     noise = inception_fid(digits.val_images[:100], corrupt["gaussian noise"][:100], inception)
     assert 0 <= real < noise
+
+
+class _SpyFeatures(torch.nn.Module):
+    """A stand-in Inception that records every batch it is given: a fixed random projection of
+    4x4-pooled pixels. Accepts NVlabs' `return_features` keyword, so it serves both conventions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.register_buffer("projection", torch.randn(3 * 4 * 4, 6, generator=g))
+        self.inputs: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        self.inputs.append(x.detach().clone())
+        return torch.nn.functional.adaptive_avg_pool2d(x.float(), 4).flatten(1) @ self.projection
+
+
+def _three_channels(pixels: torch.Tensor) -> torch.Tensor:
+    return pixels.expand(-1, 3, -1, -1)
+
+
+# What each convention's module must be called with, given the uint8 pixels of the images.
+_CONVENTION_INPUTS = {
+    "nvlabs_uint8": lambda pixels: _three_channels(pixels),
+    "float_299": lambda pixels: torch.nn.functional.interpolate(
+        _three_channels(pixels).float() / 255, size=(299, 299), mode="bilinear", align_corners=False),
+}
+# The largest value each convention must see: 255 for uint8 pixels, 1 for floats in [0, 1].
+_CONVENTION_MAX = {"nvlabs_uint8": 255, "float_299": 1.0}
+
+
+@pytest.mark.parametrize("convention", sorted(_CONVENTION_INPUTS))
+def test_inception_fid_feeds_the_convention_and_equals_frechet_distance_of_its_features(
+        digits, convention: str) -> None:
+    real = digits.val_images[:40]
+    fake = _corruptions(digits)["gaussian noise"][:40]
+    spy = _SpyFeatures()
+    fid = inception_fid(real, fake, InceptionAdapter(spy, convention), batch_size=16)
+    # Every batch (torchmetrics' probe included) has the convention's dtype and full value range.
+    expected_dtype = torch.uint8 if convention == "nvlabs_uint8" else torch.float32
+    assert {x.dtype for x in spy.inputs} == {expected_dtype}
+    assert min(float(x.min()) for x in spy.inputs) >= 0
+    assert max(float(x.max()) for x in spy.inputs) == pytest.approx(_CONVENTION_MAX[convention], rel=0.02)
+    # Independent truth: our own Fréchet distance on features taken from the spy directly.
+    features = [spy(_CONVENTION_INPUTS[convention](to_uint8_pixels(images))) for images in (real, fake)]
+    assert fid == pytest.approx(frechet_distance(*features), rel=1e-3)
+    assert fid > 1.0  # noise is far from digits: a degenerate (all-zero) input would give ~0
 
 
 def test_inception_fid_without_weights_file_says_what_to_do(tmp_path: Path) -> None:
