@@ -85,22 +85,25 @@ def _shutdown_serve_quietly() -> None:
 @dataclass(frozen=True)
 class MlflowStore:
     tracking_uri: str
-    artifact_root: str
+    artifact_root: str  # <store dir>/mlartifacts: where the project's new experiments keep artifacts
 
 
 @pytest.fixture()
 def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> MlflowStore:
-    """A fresh SQLite-backed MLflow store in a temp dir, set as the process's tracking URI."""
+    """A fresh SQLite-backed MLflow store in a temp dir, set as the process's tracking URI.
+
+    The test runs in that temp dir, so anything MLflow would write relative to the working
+    directory (./mlruns, ./mlflow.db) lands there, never in the repository.
+    """
     import mlflow
 
+    monkeypatch.chdir(tmp_path)
     db = tmp_path / "mlflow.db"
-    artifacts = tmp_path / "mlartifacts"
-    artifacts.mkdir()
     uri = f"sqlite:///{db}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    return MlflowStore(tracking_uri=uri, artifact_root=artifacts.as_uri())
+    return MlflowStore(tracking_uri=uri, artifact_root=(tmp_path / "mlartifacts").as_uri())
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import threading
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from diffusion_core.adapters.mlflow_registry import (
     log_and_register,
     promote,
     promote_if_better,
+    registry_lock,
     resolve_version,
     rollback,
 )
@@ -68,12 +71,53 @@ def test_register_tags_candidate_and_champion_loads_via_pyfunc(mlflow_store, che
                             tags={"eval_key": "k", "eval_sampler": "ddim"}, lock_dir=tmp_path)
     assert info.version == "1" and info.aliases == [CANDIDATE]
     assert info.tags["dataset_fingerprint"] == "digits-test" and info.tags["eval_fd"] == "12.5"
-    assert info.tags["training_run_id"] == info.run_id and len(info.tags["git_commit"]) in (7, 40)
+    assert info.tags["training_run_id"] == info.run_id
+    assert re.fullmatch("[0-9a-f]{40}", info.tags["git_commit"])  # the code's checkout, not the cwd's
     assert MlflowClient(uri).get_run(info.run_id).data.metrics["eval_fd"] == 12.5
     decision = promote_if_better("digits", info.version, tracking_uri=uri, lock_dir=tmp_path)
     assert decision.action == "promoted" and decision.reason == "no champion yet"
     assert resolve_version("digits", CHAMPION, uri).version == "1"
     _check_champion_generates(uri, "digits", checkpoint)
+
+
+def test_registration_keeps_artifacts_beside_the_database(mlflow_store, checkpoint, tmp_path,
+                                                         monkeypatch) -> None:
+    cwd = tmp_path / "elsewhere"  # where a CLI might run: nothing may be written here
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    info = log_and_register(checkpoint, model_name="tidy", tracking_uri=mlflow_store.tracking_uri,
+                            lock_dir=tmp_path)
+    assert list(cwd.iterdir()) == []
+    client = MlflowClient(mlflow_store.tracking_uri)
+    experiment = client.get_experiment(client.get_run(info.run_id).info.experiment_id)
+    assert experiment.artifact_location == mlflow_store.artifact_root
+    stored = {p.name for p in (tmp_path / "mlartifacts").rglob("*") if p.is_file()}
+    assert {"MLmodel", "model.safetensors", "spec.json"} <= stored
+
+
+def test_registry_uri_is_restored_separately_from_the_tracking_uri(mlflow_store, tmp_path,
+                                                                   monkeypatch) -> None:
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)  # set_registry_uri exports it
+    separate_registry = f"sqlite:///{tmp_path / 'registry.db'}"
+    mlflow.set_registry_uri(separate_registry)
+    try:
+        with pytest.raises(mlflow.exceptions.MlflowException, match="not found"):
+            download_checkpoint("models:/missing/1", tracking_uri=f"sqlite:///{tmp_path / 'other.db'}")
+        assert mlflow.get_registry_uri() == separate_registry
+        assert mlflow.get_tracking_uri() == mlflow_store.tracking_uri
+    finally:
+        mlflow.set_registry_uri(mlflow_store.tracking_uri)
+
+
+def test_a_held_registry_lock_times_out_naming_its_file(mlflow_store, tmp_path) -> None:
+    uri = mlflow_store.tracking_uri
+    with registry_lock(uri, tmp_path):
+        lock_file = next(tmp_path.glob("mlflow-registry-*.lock"))
+        message = f"{re.escape(str(lock_file))} still held by pid {os.getpid()} after 0.3s"
+        with pytest.raises(RegistryError, match=message):
+            rollback("m", tracking_uri=uri, lock_dir=tmp_path, lock_timeout_s=0.3)
+    with pytest.raises(RegistryError, match="has no champion"):  # released: rollback gets to the store
+        rollback("m", tracking_uri=uri, lock_dir=tmp_path, lock_timeout_s=0.3)
 
 
 def test_download_checkpoint_round_trips_the_weights(mlflow_store, checkpoint, tmp_path) -> None:
@@ -123,6 +167,30 @@ def test_gate_reevaluates_champion_measured_differently(mlflow_store, checkpoint
     assert asked == [f"models:/{name}/{v1}"]
     assert decision.action == "promoted" and decision.champion_fd == 40.0
     assert "re-evaluated" in decision.reason
+
+
+def test_gate_measures_the_champion_unlocked_and_again_if_it_changed(mlflow_store, checkpoint,
+                                                                     tmp_path) -> None:
+    uri, name = mlflow_store.tracking_uri, "moving"
+    v1 = _register(checkpoint, name, uri, tmp_path, fd=10.0, eval_key="old-settings")
+    promote_if_better(name, v1, tracking_uri=uri, lock_dir=tmp_path)
+    v2 = _register(checkpoint, name, uri, tmp_path, fd=30.0, eval_key="new-settings")
+    v3 = _register(checkpoint, name, uri, tmp_path, fd=5.0, eval_key="old-settings")
+    fd_under_new_settings = {f"models:/{name}/{v1}": 40.0, f"models:/{name}/{v3}": 20.0}
+    asked: list[str] = []
+
+    def reevaluate(model_uri: str) -> float:
+        asked.append(model_uri)
+        if len(asked) == 1:  # another process promotes v3 meanwhile; it needs the lock within 1 s
+            promote(name, v3, force=True, tracking_uri=uri, lock_dir=tmp_path, lock_timeout_s=1.0)
+        return fd_under_new_settings[model_uri]
+
+    decision = promote_if_better(name, v2, tracking_uri=uri, lock_dir=tmp_path, lock_timeout_s=1.0,
+                                 reevaluate_champion=reevaluate)
+    assert asked == [f"models:/{name}/{v1}", f"models:/{name}/{v3}"]
+    # 30 would beat v1's 40, but the gate decides against the champion it finds under the lock: v3.
+    assert (decision.action, decision.champion_fd) == ("rejected", 20.0) and decision.champion_version == v3
+    assert _alias(uri, name, CHAMPION) == v3
 
 
 def test_rollback_walks_back_the_champion_chain(mlflow_store, checkpoint, tmp_path) -> None:

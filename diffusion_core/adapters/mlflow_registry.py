@@ -11,11 +11,21 @@ Lifecycle of a registered model's versions, expressed with aliases (stages are d
 Every decision is recorded as tags on the version (`gate.*`, `rollback.*`) and as metrics/tags in
 the version's MLflow run, and appended to the registered model's `champion_history` tag.
 
-Concurrency: MLflow's SQLite store races when two processes register at once. Every
-read-modify-write of the registry (new version + alias, promotion, rollback) runs under an
-exclusive file lock keyed by the tracking URI, and registry calls are retried with exponential
-backoff on transient errors ("database is locked", a lost version-number race, a 5xx from a server).
-The file lock serialises processes on one machine; the retries cover clients on several machines.
+Concurrency. Registry writes are retried with exponential backoff on transient errors ("database
+is locked", a lost version-number race, a 5xx from a server). On top of that:
+
+- Across machines, what keeps concurrent registrations apart is MLflow itself: the store assigns
+  version numbers in a transaction, so two registrations never share a version (a lost race is
+  retried). Nothing else is coordinated across machines: an alias update is a check-then-set
+  (read the champion, decide, move the alias), and two hosts gating at the same moment can both
+  decide against the same champion, the last writer winning.
+- On one machine, every read-modify-write of the registry (new version + `candidate` alias,
+  promotion, rollback) runs under an exclusive file lock (`registry_lock`, fcntl.flock) keyed by
+  the tracking URI. The lock is host-local (a `lock_dir` on a filesystem shared by all hosts
+  that honours flock extends it), is only held for a few quick registry calls, and is taken with
+  a deadline: a holder that never lets go gives a RegistryError naming the lock file, not a
+  hang. The gate measures the champion (possibly minutes of sampling) *before* taking the lock,
+  then re-reads the champion under the lock and measures again if it changed meanwhile.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ import hashlib
 import importlib.metadata
 import json
 import logging
+import os
 import shutil
 import subprocess
 import tempfile
@@ -44,6 +55,7 @@ from mlflow.models import ModelSignature
 from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 from pydantic import BaseModel, ConfigDict, Field
 
+from diffusion_core.adapters.mlflow_tracking import default_artifact_location
 from diffusion_core.checkpoint import SPEC_FILE, ModelSpec, spec_from_json
 from diffusion_core.errors import CheckpointError, ConfigError, DiffusionPipelineError
 
@@ -55,6 +67,9 @@ EVAL_KEY_TAG = "eval_key"   # metrics.eval_settings_key: FDs are comparable only
 HISTORY_TAG = "champion_history"
 PYFUNC_CODE = Path(__file__).with_name("mlflow_registry_pyfunc.py")
 ARTIFACT_NAME = "checkpoint"
+DEFAULT_LOCK_TIMEOUT_S = 300.0  # the lock guards a few registry calls: minutes of waiting means trouble
+LOCK_POLL_S = 0.1
+GATE_ATTEMPTS = 3  # the champion may change this often while the gate measures it
 REQUIREMENTS = ("mlflow", "torch", "numpy", "pandas", "safetensors", "pydantic", "diffusion-pipeline")
 
 
@@ -74,6 +89,8 @@ class RegistryConfig(BaseModel):
         0.02, ge=0.0, lt=1.0,
         description="relative: the candidate must reach fd <= champion_fd * (1 - gate_margin)")
     lock_dir: Path | None = Field(None, description="where registry lock files live; None -> system temp")
+    lock_timeout_s: float = Field(DEFAULT_LOCK_TIMEOUT_S, gt=0,
+                                  description="how long to wait for another process's registry lock")
     device: str = Field("cpu", description="device the logged pyfunc samples on by default")
 
 
@@ -115,18 +132,53 @@ class PromotionDecision(BaseModel):
 # ------------------------------------------------------------------------------- locking and retries
 
 
-@contextlib.contextmanager
-def registry_lock(tracking_uri: str, lock_dir: Path | None = None) -> Iterator[None]:
-    """Exclusive lock (fcntl.flock) shared by every process on this machine using `tracking_uri`."""
+def lock_path(tracking_uri: str, lock_dir: Path | None = None) -> Path:
+    """The lock file shared by every process on this machine using `tracking_uri`."""
     directory = lock_dir or Path(tempfile.gettempdir()) / "diffusion-pipeline-locks"
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"mlflow-registry-{hashlib.sha256(tracking_uri.encode()).hexdigest()[:16]}.lock"
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    return directory / f"mlflow-registry-{hashlib.sha256(tracking_uri.encode()).hexdigest()[:16]}.lock"
+
+
+@contextlib.contextmanager
+def registry_lock(tracking_uri: str, lock_dir: Path | None = None,
+                  timeout_s: float = DEFAULT_LOCK_TIMEOUT_S) -> Iterator[None]:
+    """Exclusive lock (fcntl.flock) on `lock_path(tracking_uri, lock_dir)`, waited for at most
+    `timeout_s` (RegistryError naming the file and its holder's pid after that). The kernel drops
+    the lock when its holder exits, so a leftover file never blocks anyone."""
+    path = lock_path(tracking_uri, lock_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        _acquire(handle, path, timeout_s)
         try:
+            handle.truncate(0)  # the holder's pid, for the timeout message of whoever waits
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _acquire(handle: Any, path: Path, timeout_s: float) -> None:
+    """Poll a non-blocking flock until `timeout_s` passes (a blocking flock has no deadline)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise _lock_timeout(path, timeout_s) from None
+            time.sleep(LOCK_POLL_S)
+
+
+def _lock_timeout(path: Path, timeout_s: float) -> RegistryError:
+    try:
+        holder = f"pid {int(path.read_text().strip())}"
+    except (OSError, ValueError):
+        holder = "unknown process"
+    return RegistryError(
+        f"lock: registry lock file {path} still held by {holder} after {timeout_s:g}s",
+        hint="another registration, promotion or rollback against this MLflow store is running on this "
+             "machine; wait for it, stop it, or raise registry.lock_timeout_s")
 
 
 T = TypeVar("T")
@@ -157,29 +209,31 @@ def with_retries(call: Callable[[], T], what: str, attempts: int = 6, base_delay
 # ---------------------------------------------------------------------------------- small helpers
 
 
-def _client(tracking_uri: str | None) -> MlflowClient:
-    uri = tracking_uri or mlflow.get_tracking_uri()
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
 def _resolved_uri(tracking_uri: str | None) -> str:
+    """`tracking_uri`, or MLflow's own resolution (set_tracking_uri, MLFLOW_TRACKING_URI, default)."""
     return tracking_uri or mlflow.get_tracking_uri()
+
+
+def _client(tracking_uri: str | None) -> MlflowClient:
+    uri = _resolved_uri(tracking_uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 @contextlib.contextmanager
 def _fluent_uri(tracking_uri: str | None) -> Iterator[None]:
-    """Point MLflow's fluent API (needed by log_model) at `tracking_uri`, restoring it afterwards."""
+    """Point MLflow's fluent API (needed by log_model) at `tracking_uri`, restoring the previous
+    tracking and registry URIs afterwards (each its own: they may differ)."""
     if tracking_uri is None:
         yield
         return
-    previous = mlflow.get_tracking_uri()
+    previous_tracking, previous_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(previous)
-        mlflow.set_registry_uri(previous)
+        mlflow.set_tracking_uri(previous_tracking)
+        mlflow.set_registry_uri(previous_registry)
 
 
 def _info(mv: ModelVersion) -> ModelVersionInfo:
@@ -197,10 +251,11 @@ def _version_by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersi
 
 
 def current_git_commit() -> str:
-    """HEAD of the git checkout in the working directory, or "unknown"."""
+    """HEAD of the git checkout this code runs from, or "unknown" (an installed wheel). Not the
+    working directory's: a CLI started elsewhere must still record the code's commit."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             check=True)
+                             check=True, cwd=Path(__file__).resolve().parent)
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -254,6 +309,22 @@ def _log_pyfunc(checkpoint_dir: Path, spec: ModelSpec, device: str) -> tuple[str
     return info.model_uri, info.model_id
 
 
+def _experiment_id(client: MlflowClient, name: str) -> str:
+    """Experiment `name`, created if needed with its artifacts beside a SQLite database
+    (mlflow_tracking.default_artifact_location), never in ./mlruns of the working directory."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = default_artifact_location(client.tracking_uri)
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException:
+        experiment = client.get_experiment_by_name(name)  # another process created it first
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
 @contextlib.contextmanager
 def _run(client: MlflowClient, run_id: str | None, experiment_name: str) -> Iterator[str]:
     """Activate `run_id` (or a new run in `experiment_name`) in this thread; yields its id."""
@@ -262,8 +333,8 @@ def _run(client: MlflowClient, run_id: str | None, experiment_name: str) -> Iter
         yield run_id
         return
     if run_id is None:
-        experiment = with_retries(lambda: mlflow.set_experiment(experiment_name), "set_experiment")
-        run_id = client.create_run(experiment.experiment_id, run_name="register").info.run_id
+        experiment_id = with_retries(lambda: _experiment_id(client, experiment_name), "experiment")
+        run_id = client.create_run(experiment_id, run_name="register").info.run_id
     with mlflow.start_run(run_id=run_id, nested=active is not None):
         yield run_id
 
@@ -299,6 +370,7 @@ def log_and_register(
     experiment_name: str = "diffusion-registry",
     device: str = "cpu",
     lock_dir: Path | None = None,
+    lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
 ) -> ModelVersionInfo:
     """Log `checkpoint_dir` as a pyfunc, register it as a new version of `model_name`, alias it
     `candidate`.
@@ -318,7 +390,7 @@ def log_and_register(
     version_tags = _version_tags(spec, run_id or active_run_id, tags, metrics)
     # The registry store resolves the `models:/m-...` source through MLflow's *global* tracking
     # URI, so it must point at this store too, not only `client`.
-    with registry_lock(_resolved_uri(tracking_uri), lock_dir), _fluent_uri(tracking_uri):
+    with registry_lock(_resolved_uri(tracking_uri), lock_dir, lock_timeout_s), _fluent_uri(tracking_uri):
         with_retries(lambda: _ensure_registered_model(client, model_name), "create_registered_model")
         mv = _info(with_retries(lambda: client.create_model_version(
             model_name, model_uri, run_id=active_run_id, tags=version_tags, model_id=model_id),
@@ -463,6 +535,7 @@ def promote_if_better(
     force: bool = False,
     tracking_uri: str | None = None,
     lock_dir: Path | None = None,
+    lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
 ) -> PromotionDecision:
     """Make `version` the champion if its FD beats the champion's by the relative `margin`
     (fd_candidate <= fd_champion * (1 - margin)), or when there is no champion, or with `force`.
@@ -470,48 +543,77 @@ def promote_if_better(
     candidate_fd / eval_key default to the version's `eval_fd` / `eval_key` tags. The champion's
     FD is its recorded tag when the eval keys match (same dataset fingerprint and eval settings);
     otherwise `reevaluate_champion(model_uri) -> fd` is called (RegistryError if not given).
+    The champion is measured without the registry lock held; under the lock it is re-read, and
+    if another process changed it meanwhile the new champion is measured and the gate retried.
     """
     client = _client(tracking_uri)
     candidate = _info(client.get_model_version(name, str(version)))
     candidate_fd = candidate_fd if candidate_fd is not None else _float_tag(candidate, FD_TAG)
     eval_key = eval_key or candidate.tags.get(EVAL_KEY_TAG)
-    with registry_lock(_resolved_uri(tracking_uri), lock_dir):
-        champion = _version_by_alias(client, name, CHAMPION)
-        if champion is not None and champion.version == candidate.version:
-            return PromotionDecision(name=name, action="unchanged", champion_version=champion.version,
-                                     previous_champion_version=champion.tags.get(PREVIOUS_CHAMPION),
-                                     candidate_version=candidate.version, candidate_fd=candidate_fd,
-                                     reason="already champion")
-        champion_fd, source = (None, "")
-        if champion is not None and not force:
-            champion_fd, source = _champion_fd(champion, eval_key, reevaluate_champion)
-        action, reason = _gate_action(candidate_fd, champion_fd, margin, force)
-        previous = champion.version if champion is not None else None
-        new_champion = previous if action == "rejected" else candidate.version
-        if action != "rejected":
-            _make_champion(client, name, candidate.version, previous)
-        decision = PromotionDecision(
-            name=name, action=action, champion_version=new_champion,
-            previous_champion_version=previous, candidate_version=candidate.version,
-            candidate_fd=candidate_fd, champion_fd=champion_fd,
-            reason=f"{reason} (champion fd {source})" if source else reason)
-        _record(client, candidate, decision, margin)
+    measured: dict[str, tuple[float, str]] = {}  # champion version -> (fd, source)
+    champion = _version_by_alias(client, name, CHAMPION)
+    for _ in range(GATE_ATTEMPTS):
+        if champion is not None and not force and champion.version not in (candidate.version, *measured):
+            measured[champion.version] = _champion_fd(champion, eval_key, reevaluate_champion)
+        with registry_lock(_resolved_uri(tracking_uri), lock_dir, lock_timeout_s):
+            current = _version_by_alias(client, name, CHAMPION)
+            if _version_of(current) == _version_of(champion):
+                decision = _decide(client, candidate, current, candidate_fd,
+                                   measured.get(_version_of(current) or ""), margin, force)
+                break
+        logger.info("gate: champion of %s changed from %s to %s while it was measured; measuring again",
+                    name, _version_of(champion), _version_of(current))
+        champion = current
+    else:
+        raise RegistryError(f"gate: the champion of {name!r} changed {GATE_ATTEMPTS} times while version "
+                            f"{candidate.version} was being gated; nothing was promoted",
+                            hint="other promotions are running against this model; retry when they finish")
     logger.info("gate %s version %s: %s (%s)", name, version, decision.action, decision.reason)
     return decision
 
 
+def _version_of(mv: ModelVersionInfo | None) -> str | None:
+    return None if mv is None else mv.version
+
+
+def _decide(client: MlflowClient, candidate: ModelVersionInfo, champion: ModelVersionInfo | None,
+            candidate_fd: float | None, champion_measure: tuple[float, str] | None, margin: float,
+            force: bool) -> PromotionDecision:
+    """Apply the gate (call under the registry lock): move the aliases and record the decision."""
+    if champion is not None and champion.version == candidate.version:
+        return PromotionDecision(name=candidate.name, action="unchanged", champion_version=champion.version,
+                                 previous_champion_version=champion.tags.get(PREVIOUS_CHAMPION),
+                                 candidate_version=candidate.version, candidate_fd=candidate_fd,
+                                 reason="already champion")
+    champion_fd, source = champion_measure if champion_measure is not None else (None, "")
+    action, reason = _gate_action(candidate_fd, champion_fd, margin, force)
+    previous = _version_of(champion)
+    if action != "rejected":
+        _make_champion(client, candidate.name, candidate.version, previous)
+    decision = PromotionDecision(
+        name=candidate.name, action=action,
+        champion_version=previous if action == "rejected" else candidate.version,
+        previous_champion_version=previous, candidate_version=candidate.version,
+        candidate_fd=candidate_fd, champion_fd=champion_fd,
+        reason=f"{reason} (champion fd {source})" if source else reason)
+    _record(client, candidate, decision, margin)
+    return decision
+
+
 def promote(name: str, version: str, *, force: bool = False, margin: float = 0.02,
-            tracking_uri: str | None = None, lock_dir: Path | None = None) -> PromotionDecision:
+            tracking_uri: str | None = None, lock_dir: Path | None = None,
+            lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S) -> PromotionDecision:
     """Promote with the recorded FD numbers (no re-evaluation), or unconditionally with `force`."""
     return promote_if_better(name, version, margin=margin, force=force, tracking_uri=tracking_uri,
-                             lock_dir=lock_dir)
+                             lock_dir=lock_dir, lock_timeout_s=lock_timeout_s)
 
 
-def rollback(name: str, tracking_uri: str | None = None, lock_dir: Path | None = None) -> PromotionDecision:
+def rollback(name: str, tracking_uri: str | None = None, lock_dir: Path | None = None,
+             lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S) -> PromotionDecision:
     """Move `champion` back to the version it replaced (the current champion's `previous_champion`
     tag); repeated rollbacks walk further back along the chain."""
     client = _client(tracking_uri)
-    with registry_lock(_resolved_uri(tracking_uri), lock_dir):
+    with registry_lock(_resolved_uri(tracking_uri), lock_dir, lock_timeout_s):
         current = _version_by_alias(client, name, CHAMPION)
         if current is None:
             raise RegistryError(f"rollback: model {name!r} has no champion")
@@ -552,7 +654,8 @@ def describe(info: ModelVersionInfo) -> dict[str, Any]:
 
 
 __all__ = [
-    "CANDIDATE", "CHAMPION", "PREVIOUS_CHAMPION", "ModelVersionInfo", "PromotionDecision", "RegistryConfig",
-    "RegistryError", "download_checkpoint", "generation_frame", "get_version", "list_versions",
-    "log_and_register", "log_directory", "promote", "promote_if_better", "resolve_version", "rollback",
+    "CANDIDATE", "CHAMPION", "DEFAULT_LOCK_TIMEOUT_S", "PREVIOUS_CHAMPION", "ModelVersionInfo",
+    "PromotionDecision", "RegistryConfig", "RegistryError", "download_checkpoint", "generation_frame",
+    "get_version", "list_versions", "log_and_register", "log_directory", "promote", "promote_if_better",
+    "registry_lock", "resolve_version", "rollback",
 ]
