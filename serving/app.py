@@ -43,6 +43,6 @@ def build_app(args: ServeSettings | dict[str, Any] | None = None) -> Application
     ).bind()
     ingress = GenerationIngress.options(
         max_ongoing_requests=settings.ingress_max_ongoing_requests,
-        max_queued_requests=settings.ingress_max_ongoing_requests,
+        max_queued_requests=settings.ingress_max_queued_requests,
     )
     return ingress.bind(model, settings.model_dump(mode="json"))

@@ -15,7 +15,7 @@ Where each knob lives:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -62,7 +62,8 @@ class ServeSettings(BaseModel):
 
     The per-request cost cap is `num_images * steps <= max_work`. `max_ongoing_requests` and
     `max_queued_requests` bound the model deployment: beyond ongoing + queued requests the ingress
-    answers 503 at once instead of queueing without limit.
+    answers 503 at once instead of queueing without limit. These fields are the one source of
+    defaults: the deployment decorators take theirs from here (`settings_default`).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -98,7 +99,15 @@ class ServeSettings(BaseModel):
         64, ge=1, description="model deployment: requests waiting beyond the ongoing ones, then 503. It "
         "also bounds a burst of simultaneous arrivals (they queue briefly while being assigned), so keep "
         "it at least the expected burst size")
-    ingress_max_ongoing_requests: int = Field(256, ge=1)
+    ingress_max_ongoing_requests: int = Field(
+        256, ge=1, description="ingress replica: requests it handles at once (each only validates, waits "
+        "for the model and encodes PNGs, so this is generous; the model's queue is the real bound)")
+    ingress_max_queued_requests: int = Field(
+        256, ge=1, description="ingress: requests the proxy holds beyond the ongoing ones, then 503")
+    request_timeout_s: float = Field(
+        300.0, gt=0.0, description="deadline for the ingress's wait on the model deployment (queue + "
+        "sampling): past it /generate answers 504 and /model 503 instead of hanging, e.g. while no "
+        "model replica is healthy. Keep it above the worst case max_work takes on the slowest device")
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Self:
@@ -131,3 +140,9 @@ class ServeSettings(BaseModel):
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}{self.route_prefix.rstrip('/')}"
+
+
+def settings_default(field: str) -> Any:
+    """The ServeSettings default of `field`, for decorator arguments that Serve needs at import time
+    (build_app and reconfigure then set the configured values)."""
+    return ServeSettings.model_fields[field].default

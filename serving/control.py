@@ -6,7 +6,7 @@ version as long as import_path, args and runtime_env are unchanged, so a changed
 the running replicas through `reconfigure` instead of replacing them.
 
 Needs a connected Ray (`ray.init(address=...)`). Applying a config replaces the whole set of
-declaratively deployed applications, so `switch_model` re-applies the others unchanged.
+declaratively deployed applications, so `start_app` and `switch_model` re-apply the others unchanged.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from serving.config import (
     ModelSelection,
     ServeSettings,
 )
-from serving.schemas import ModelInfo
+from serving.schemas import ModelInfo, ReplicaLoadState
 
 logger = logging.getLogger(__name__)
 
@@ -44,14 +44,33 @@ def load_serve_config(path: str | Path = SERVE_CONFIG_PATH) -> dict[str, Any]:
     return data
 
 
-def serve_deploy_config(settings: ServeSettings, base: dict[str, Any] | None = None) -> dict[str, Any]:
-    """`base` (the Serve config file) with the app's args, name, route prefix and HTTP host/port taken
-    from `settings`; deployment options (replicas, actor options) stay as in `base`."""
-    config = copy.deepcopy(base if base is not None else load_serve_config())
+def _single_app(config: dict[str, Any]) -> dict[str, Any]:
     apps = config.get("applications") or []
     if len(apps) != 1:
         raise ConfigError(f"serve_config.applications: expected one application, got {len(apps)}")
-    app = apps[0]
+    return apps[0]
+
+
+def settings_fields(config: dict[str, Any]) -> dict[str, Any]:
+    """The ServeSettings fields that the Serve config file sets for its one application: its `args`,
+    `name` (app_name), `route_prefix` and http_options host/port. `diffusion-pipeline serve` starts
+    from these, then applies the config file's `serve` section, the environment and its flags."""
+    app = _single_app(config)
+    fields = dict(app.get("args") or {})
+    fields.update({key: app[src] for key, src in (("app_name", "name"), ("route_prefix", "route_prefix"))
+                   if app.get(src) is not None})
+    http = config.get("http_options") or {}
+    fields.update({key: http[key] for key in ("host", "port") if http.get(key) is not None})
+    return fields
+
+
+def serve_deploy_config(settings: ServeSettings, base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`base` (the Serve config file) with its application's args replaced by all of `settings`
+    (callers build `settings` on top of the file's args: see `settings_fields`), and the name, route
+    prefix and HTTP host/port taken from `settings`; deployment options (replicas, actor options)
+    stay as in `base`."""
+    config = copy.deepcopy(base if base is not None else load_serve_config())
+    app = _single_app(config)
     app.update(name=settings.app_name, route_prefix=settings.route_prefix,
                args=settings.model_dump(mode="json"))
     config.setdefault("http_options", {}).update(host=settings.host, port=settings.port)
@@ -64,11 +83,33 @@ def _client() -> Any:
     return _get_global_client()
 
 
+def _deployed_configs() -> dict[str, dict[str, Any]]:
+    """name -> config of every declaratively deployed app (the ones a new config would replace)."""
+    details = _client().get_serve_details()
+    configs = {}
+    for name, app in (details.get("applications") or {}).items():
+        deployed = app.get("deployed_app_config")
+        if deployed:
+            configs[name] = deployed
+    return configs
+
+
+def _deploy_alongside_others(config: dict[str, Any]) -> None:
+    """Apply `config`'s applications and re-apply every other declaratively deployed app unchanged:
+    the controller deletes each declarative app that an applied config lacks. An app of the same
+    name as one in `config` is replaced by it."""
+    names = {app["name"] for app in config["applications"]}
+    others = [app for name, app in _deployed_configs().items() if name not in names]
+    merged = {**config, "applications": [*others, *config["applications"]]}
+    _client().deploy_apps(ServeDeploySchema.model_validate(merged), _blocking=False)
+
+
 def apply_config(config: dict[str, Any]) -> None:
-    """Start Serve (HTTP options from `config`) if needed and apply `config` to the controller."""
+    """Start Serve (HTTP options from `config`) if needed and apply `config`'s applications next to
+    the apps already deployed."""
     schema = ServeDeploySchema.model_validate(config)
     serve.start(http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location)
-    _client().deploy_apps(schema, _blocking=False)
+    _deploy_alongside_others(config)
 
 
 def wait_until_running(app_name: str, timeout_s: float = 300.0) -> None:
@@ -87,7 +128,8 @@ def wait_until_running(app_name: str, timeout_s: float = 300.0) -> None:
 
 
 def start_app(settings: ServeSettings, base: dict[str, Any] | None = None, timeout_s: float = 300.0) -> None:
-    """Deploy the app of `settings` (with the deployment options of `base`) and wait until it runs."""
+    """Deploy the app of `settings` (with the deployment options of `base`) next to the other
+    deployed apps (one of the same name is replaced) and wait until it runs."""
     apply_config(serve_deploy_config(settings, base))
     wait_until_running(settings.app_name, timeout_s)
     logger.info("serving %s at %s", settings.app_name, settings.url)
@@ -97,17 +139,6 @@ def running_app_names() -> list[str]:
     if not serve.context._get_global_client(raise_if_no_controller_running=False):
         return []
     return [name for name, s in serve.status().applications.items() if s.status in ("RUNNING", "DEPLOYING")]
-
-
-def _deployed_configs() -> dict[str, dict[str, Any]]:
-    """name -> config of every declaratively deployed app (the ones a new config would replace)."""
-    details = _client().get_serve_details()
-    configs = {}
-    for name, app in (details.get("applications") or {}).items():
-        deployed = app.get("deployed_app_config")
-        if deployed:
-            configs[name] = deployed
-    return configs
 
 
 def _with_model(app_config: dict[str, Any], selection: ModelSelection) -> dict[str, Any]:
@@ -127,19 +158,20 @@ def _with_model(app_config: dict[str, Any], selection: ModelSelection) -> dict[s
 
 def switch_model(app_name: str, selection: ModelSelection, timeout_s: float = 300.0) -> ModelInfo:
     """Point the running app's model deployment at `selection` through its user_config (replicas
-    reconfigure in place; in-flight requests finish on the old version). Returns the new ModelInfo."""
+    reconfigure in place; in-flight requests finish on the old version) and wait until every replica
+    serves it (`wait_for_model`). Returns the new ModelInfo."""
     configs = _deployed_configs()
     if app_name not in configs:
         raise ConfigError(f"app_name: {app_name!r} is not a declaratively deployed Serve app; running: "
                           f"{sorted(configs)}",
                           hint="start it with `diffusion-pipeline serve` or serve deploy")
-    configs[app_name] = _with_model(configs[app_name], selection)
     details = _client().get_serve_details()
-    config = {"applications": list(configs.values()),
-              "http_options": {k: v for k, v in (details.get("http_options") or {}).items()
-                               if k in ("host", "port")},
-              "proxy_location": details.get("proxy_location") or "EveryNode"}
-    _client().deploy_apps(ServeDeploySchema.model_validate(config), _blocking=False)
+    http = details.get("http_options") or {}
+    _deploy_alongside_others({
+        "applications": [_with_model(configs[app_name], selection)],
+        "http_options": {k: v for k, v in http.items() if k in ("host", "port")},
+        "proxy_location": details.get("proxy_location") or "EveryNode",
+    })
     return wait_for_model(app_name, selection, timeout_s)
 
 
@@ -152,16 +184,50 @@ def serves(info: ModelInfo, selection: ModelSelection) -> bool:
 
 
 def wait_for_model(app_name: str, selection: ModelSelection, timeout_s: float = 300.0) -> ModelInfo:
-    """Poll the model deployment until it serves `selection`'s version (or reports a failed load)."""
-    handle = serve.get_deployment_handle(MODEL_DEPLOYMENT, app_name)
+    """Wait until every replica of the model deployment serves `selection`; ConfigError when a
+    replica reports that loading `selection` failed (it keeps serving its previous model).
+
+    First Serve must report the deployment HEALTHY with `selection` in its user_config: every replica
+    has then returned from `reconfigure`, which returns after the new model loaded or failed to. A
+    handle cannot address one replica, so `load_state` is then called until each running replica id
+    has answered. A failure recorded for another selection (an earlier swap) does not count.
+    """
     deadline = time.monotonic() + timeout_s
+    replica_ids = _wait_until_reconfigured(app_name, selection, deadline)
+    handle = serve.get_deployment_handle(MODEL_DEPLOYMENT, app_name)
+    answered: dict[str, ModelInfo] = {}
     while time.monotonic() < deadline:
-        info: ModelInfo = handle.describe.remote().result(timeout_s=30)
+        state: ReplicaLoadState = handle.load_state.remote().result(timeout_s=30)
+        info = state.info
+        if state.failed_selection == selection and not serves(info, selection):
+            raise ConfigError(f"model: loading {selection.model_name} version {selection.version} failed "
+                              f"on replica {info.replica}: {info.last_load_error}; it still serves "
+                              f"version {info.version}")
         if serves(info, selection):
-            return info
-        if info.last_load_error:
-            raise ConfigError(f"model: loading {selection.model_name} version {selection.version} "
-                              f"failed: {info.last_load_error}; still serving version {info.version}")
-        time.sleep(0.5)
-    raise ConfigError(f"model: {app_name!r} did not switch to version {selection.version} "
-                      f"in {timeout_s:.0f}s")
+            answered[info.replica] = info
+        if answered and replica_ids <= set(answered):  # no ids: scaled to zero, the one that woke up
+            return answered[min(replica_ids or answered)]
+        time.sleep(0.05)
+    raise ConfigError(f"model: {app_name!r}: replicas {sorted(replica_ids - set(answered))} did not "
+                      f"switch to version {selection.version} in {timeout_s:.0f}s")
+
+
+def _wait_until_reconfigured(app_name: str, selection: ModelSelection, deadline: float) -> set[str]:
+    """Poll Serve until the model deployment's target user_config holds `selection` and it is HEALTHY
+    (every replica RUNNING at that version) -> the running replica ids."""
+    target = selection.model_dump(mode="json")
+    status = "unknown"
+    while time.monotonic() < deadline:
+        app = (_client().get_serve_details().get("applications") or {}).get(app_name) or {}
+        deployment = (app.get("deployments") or {}).get(MODEL_DEPLOYMENT) or {}
+        user_config = (deployment.get("deployment_config") or {}).get("user_config") or {}
+        status = deployment.get("status", "unknown")
+        if user_config.get("model") == target:
+            if status == "HEALTHY":
+                return {r["replica_id"] for r in deployment.get("replicas", []) if r["state"] == "RUNNING"}
+            if status in ("UNHEALTHY", "DEPLOY_FAILED"):
+                raise ConfigError(f"model: deployment {MODEL_DEPLOYMENT} of {app_name!r} is {status}: "
+                                  f"{deployment.get('message')}")
+        time.sleep(0.2)
+    raise ConfigError(f"model: {app_name!r} did not reconfigure to version {selection.version} "
+                      f"(deployment status {status})")

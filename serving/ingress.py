@@ -7,7 +7,8 @@ Routes (relative to the app's route prefix; OpenAPI docs at /docs):
 
 Errors: 400 for a body that is not JSON, 422 naming the field and the accepted range for any other
 bad input, 401 for a missing or wrong token, 503 (with Retry-After) when the model deployment's
-bounded queue is full.
+bounded queue is full or its replica failed (Ray error), 504 when /generate got no answer within
+`request_timeout_s` (and 503 for /model), so that nothing hangs while no model replica is healthy.
 """
 
 
@@ -24,20 +25,22 @@ from fastapi import FastAPI, Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
+from ray.exceptions import RayError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from diffusion_core.errors import ConfigError
 from diffusion_core.images import encode_png, to_uint8
 from serving.batching import GenerationJob
-from serving.config import ServeSettings
+from serving.config import INGRESS_DEPLOYMENT, ServeSettings
 from serving.model_deployment import JobOutcome
 from serving.schemas import GenerateRequest, GenerateResponse, ModelInfo, Timings
 from serving.validation import effective_sampler, effective_steps, limit_errors
 
 logger = logging.getLogger(__name__)
 
-HEALTH_TIMEOUT_S = 5.0
+HEALTH_TIMEOUT_S = 5.0  # a probe answers fast or not at all; request_timeout_s is for real work
+RETRY_LATER = {"Retry-After": "1"}
 
 api = FastAPI(
     title="Diffusion generation",
@@ -85,7 +88,8 @@ def read_api_key(env_name: str | None) -> str | None:
     return key
 
 
-@serve.deployment(name="GenerationIngress", max_ongoing_requests=256)
+# Queue bounds are set by serving.app.build_app from ServeSettings.
+@serve.deployment(name=INGRESS_DEPLOYMENT)
 @serve.ingress(api)
 class GenerationIngress:
     def __init__(self, model: DeploymentHandle, settings: dict[str, Any]) -> None:
@@ -101,18 +105,36 @@ class GenerationIngress:
             raise HTTPException(401, "authorization: missing or wrong bearer token",
                                 headers={"WWW-Authenticate": "Bearer"})
 
+    async def _ask_model(self, call: Any, what: str, timeout_s: float, timeout_status: int) -> Any:
+        """Await a model deployment call: a full queue or a failed replica (any Ray error, e.g.
+        ActorDiedError) -> 503, no answer within `timeout_s` -> `timeout_status`."""
+        try:
+            return await asyncio.wait_for(call, timeout_s)
+        except BackPressureError:
+            raise HTTPException(503, "overloaded: the generation queue is full; retry later",
+                                headers=RETRY_LATER) from None
+        except RayError as err:
+            logger.warning("%s: model deployment failed: %s", what, err)
+            raise HTTPException(503, f"{what}: the model deployment failed ({type(err).__name__}); "
+                                "retry later", headers=RETRY_LATER) from None
+        except TimeoutError:
+            raise HTTPException(timeout_status, f"{what}: no answer from the model deployment within "
+                                f"{timeout_s:g}s; no healthy replica, or overloaded",
+                                headers=RETRY_LATER) from None
+
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
         try:
-            info = await asyncio.wait_for(self._model.describe.remote(), HEALTH_TIMEOUT_S)
-        except (TimeoutError, RuntimeError, BackPressureError) as err:
-            raise HTTPException(503, f"not ready: {type(err).__name__}") from None
+            info = await self._ask_model(self._model.describe.remote(), "healthz", HEALTH_TIMEOUT_S, 503)
+        except HTTPException as err:
+            raise HTTPException(503, f"not ready: {err.detail}") from None
         return {"status": "ready", "model": info.name, "version": info.version}
 
     @api.get("/model", response_model=ModelInfo)
     async def model(self, authorization: str | None = Header(None)) -> ModelInfo:
         self._authorize(authorization)
-        return await self._model.describe.remote()
+        return await self._ask_model(self._model.describe.remote(), "model",
+                                     self._settings.request_timeout_s, 503)
 
     @api.post("/generate", response_model=GenerateResponse)
     async def generate(self, request: GenerateRequest,
@@ -120,11 +142,8 @@ class GenerationIngress:
         started = time.perf_counter()
         self._authorize(authorization)
         job = self._job(request)
-        try:
-            outcome: JobOutcome = await self._model.generate.remote(job)
-        except BackPressureError:
-            raise HTTPException(503, "overloaded: the generation queue is full; retry later",
-                                headers={"Retry-After": "1"}) from None
+        outcome: JobOutcome = await self._ask_model(self._model.generate.remote(job), "generate",
+                                                    self._settings.request_timeout_s, 504)
         if outcome.error:
             raise HTTPException(422, outcome.error)
         return self._response(request, job, outcome, time.perf_counter() - started)
@@ -150,5 +169,6 @@ class GenerationIngress:
             labels=list(job.labels) if job.labels is not None else None,
             shape=list(images.shape), format=request.format, images=encode_images(images, request.format),
             timings=Timings(queue_s=outcome.queue_s, sampling_s=outcome.sampling_s, total_s=total_s,
-                            batch_images=outcome.batch_images),
+                            batch_images=outcome.batch_images,
+                            batch_total_images=outcome.batch_total_images),
         )

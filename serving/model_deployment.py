@@ -1,9 +1,12 @@
 """The model deployment: loads a checkpoint from the MLflow registry and runs batched reverse sampling.
 
-Requests arrive one `GenerationJob` per call; `@serve.batch` collects up to `max_images_per_batch`
-of them, `batching.plan_runs` packs their images into homogeneous sampler runs, and the results are
-split back per request. Sampling runs in a worker thread so that the replica keeps accepting requests
-(which then form the next batch) and answering health checks while it computes.
+Requests arrive one `GenerationJob` per call; `@serve.batch` collects them until their images reach
+`max_images_per_batch` (it counts images through `batch_size_fn`, not requests), `batching.plan_runs`
+packs those images into homogeneous sampler runs, and the results are split back per request. So a
+batch holds at most `max_images_per_batch` images and every request in it waits for at most that much
+sampling; a single request larger than that (up to max_images_per_request) makes a batch alone, run
+as several runs one after another. Sampling runs in a worker thread so that the replica keeps
+accepting requests (which then form the next batch) and answering health checks while it computes.
 
 Hot swap: Serve calls `reconfigure(user_config)` when the deployment's user_config changes. The new
 model loads in a thread while the old one keeps serving; the reference is then replaced in one
@@ -30,8 +33,8 @@ from ray import serve
 from diffusion_core.checkpoint import LoadedModel, load_checkpoint
 from diffusion_core.errors import ConfigError
 from serving.batching import GenerationJob, Run, largest_run_per_job, plan_runs, scatter_results
-from serving.config import ModelDeploymentConfig, ModelSelection
-from serving.schemas import ModelInfo, ModelRef
+from serving.config import MODEL_DEPLOYMENT, ModelDeploymentConfig, ModelSelection, settings_default
+from serving.schemas import ModelInfo, ModelRef, ReplicaLoadState
 from serving.validation import label_errors
 
 logger = logging.getLogger(__name__)
@@ -47,6 +50,7 @@ class JobOutcome:
     queue_s: float = 0.0
     sampling_s: float = 0.0
     batch_images: int = 0
+    batch_total_images: int = 0
 
 
 @dataclass(frozen=True)
@@ -63,8 +67,17 @@ class ServedModel:
 
 @dataclass(frozen=True)
 class _Pending:
+    """A job waiting in `@serve.batch`'s queue; `weight` is what it counts for towards max_batch_size."""
+
     job: GenerationJob
     arrived: float
+    weight: int
+
+
+def batch_weight(pending: list[_Pending]) -> int:
+    """`@serve.batch`'s batch_size_fn: the images of a batch, a request counting at most
+    max_images_per_batch (Serve refuses a single item heavier than max_batch_size)."""
+    return sum(p.weight for p in pending)
 
 
 def numeric_tags(tags: dict[str, str]) -> dict[str, float]:
@@ -140,7 +153,8 @@ def _replica_cpu_threads() -> int:
     return max(1, int(cpus))
 
 
-@serve.deployment(name="DiffusionModel", max_ongoing_requests=64, max_queued_requests=64)
+# Queue bounds and user_config are set by serving.app.build_app from ServeSettings.
+@serve.deployment(name=MODEL_DEPLOYMENT)
 class DiffusionModel:
     """Serves one model version at a time; see the module docstring for batching and hot swap."""
 
@@ -149,6 +163,7 @@ class DiffusionModel:
         self._served: ServedModel | None = None
         self._config: ModelDeploymentConfig | None = None
         self._last_load_error: str | None = None
+        self._failed_selection: ModelSelection | None = None  # what the failed load was asked for
         self._swap_lock = asyncio.Lock()
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -162,16 +177,17 @@ class DiffusionModel:
                 await self._swap_model(config)
 
     async def _swap_model(self, config: ModelDeploymentConfig) -> None:
-        self._last_load_error = None
         try:
             served = await asyncio.to_thread(load_served_model, config)
         except Exception as err:
             if self._served is None:
                 raise  # nothing to serve: let Serve fail and retry this replica
             self._last_load_error = f"{type(err).__name__}: {err}"
+            self._failed_selection = config.model
             logger.exception("hot swap to %s failed; still serving %s", config.model, self._served.ref)
             return
-        old, self._served, self._last_load_error = self._served, served, None
+        old, self._served = self._served, served
+        self._last_load_error = self._failed_selection = None
         logger.info("now serving %s (was %s)", served.ref, old.ref if old else None)
 
     def check_health(self) -> None:
@@ -184,10 +200,16 @@ class DiffusionModel:
         return self._served.info.model_copy(update={"last_load_error": self._last_load_error,
                                                     "replica": replica})
 
-    async def generate(self, job: GenerationJob) -> JobOutcome:
-        return await self._generate_batch(_Pending(job, time.perf_counter()))
+    async def load_state(self) -> ReplicaLoadState:
+        """This replica's model and the selection of its last failed load (control.wait_for_model)."""
+        return ReplicaLoadState(info=await self.describe(), failed_selection=self._failed_selection)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    async def generate(self, job: GenerationJob) -> JobOutcome:
+        weight = min(job.num_images, self._config.max_images_per_batch)
+        return await self._generate_batch(_Pending(job, time.perf_counter(), weight))
+
+    @serve.batch(max_batch_size=settings_default("max_images_per_batch"),
+                 batch_wait_timeout_s=settings_default("batch_wait_timeout_s"), batch_size_fn=batch_weight)
     async def _generate_batch(self, pending: list[_Pending]) -> list[JobOutcome]:
         served = self._served  # a swap during this batch affects the next one
         started = time.perf_counter()
@@ -205,10 +227,12 @@ class DiffusionModel:
                     errors[valid[job_index]] = out
         images = scatter_results(jobs, *zip(*done, strict=True)) if done else []
         sizes = largest_run_per_job(len(jobs), runs)
+        total = sum(run.num_images for run in runs)
         outcomes = [JobOutcome(served.ref, error=e) for e in errors]
         for k, i in enumerate(valid):
             if not errors[i]:
                 outcomes[i] = JobOutcome(served.ref, images=images[k], queue_s=started - pending[i].arrived,
-                                         sampling_s=sampling_s, batch_images=sizes[k])
+                                         sampling_s=sampling_s, batch_images=sizes[k],
+                                         batch_total_images=total)
         logger.debug("batch: %d requests, %d runs, %.3fs", len(pending), len(runs), sampling_s)
         return outcomes

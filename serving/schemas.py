@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from serving.config import Sampler
+from serving.config import ModelSelection, Sampler
 
 MAX_SEED = 2**63 - 1
 
@@ -43,6 +43,8 @@ class Timings(BaseModel):
     sampling_s: float = Field(description="the reverse-sampling run(s) that produced the images")
     total_s: float = Field(description="inside the ingress, end to end")
     batch_images: int = Field(description="images in the largest run this request shared")
+    batch_total_images: int = Field(description="images in the whole batch (all its runs) this request "
+                                    "was part of; at most max(max_images_per_batch, the request's own)")
 
 
 class GenerateResponse(BaseModel):
@@ -74,3 +76,11 @@ class ModelInfo(BaseModel):
     loaded_at: float
     replica: str = Field("", description="id of the Serve replica that answered (unchanged by a hot swap)")
     last_load_error: str | None = Field(None, description="a failed hot swap; the previous model is kept")
+
+
+class ReplicaLoadState(BaseModel):
+    """What one model replica serves, and which selection its last failed load was for (so that a
+    caller waiting for a swap can tell an earlier swap's failure from its own)."""
+
+    info: ModelInfo
+    failed_selection: ModelSelection | None = None

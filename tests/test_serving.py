@@ -97,26 +97,34 @@ def settings(registry: dict):
 
 
 @pytest.fixture(scope="module")
-def server(_ray_session: None, settings, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The app, started by the deploy task (declaratively, as `diffusion-pipeline serve` does) from
-    the packaged Serve config with test-sized actor options -> its URL."""
-    import ray
+def serve_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The packaged Serve config with test-sized actor options and the API key in the replicas' env."""
     import yaml
-    from conftest import RAY_TEST_CPUS
-    from ray import serve
 
-    from flows.deploy import deploy
     from serving import control
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=RAY_TEST_CPUS, include_dashboard=False, configure_logging=False)
     base = control.load_serve_config()
     app = base["applications"][0]
     app["runtime_env"] = {"env_vars": {API_KEY_ENV: API_KEY}}
     for deployment in app["deployments"]:
         deployment["ray_actor_options"] = {"num_cpus": 1 if deployment["name"] == "DiffusionModel" else 0}
-    serve_config = tmp_path_factory.mktemp("serve_config") / "serve_config.yaml"
-    serve_config.write_text(yaml.safe_dump(base))
+    path = tmp_path_factory.mktemp("serve_config") / "serve_config.yaml"
+    path.write_text(yaml.safe_dump(base))
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(_ray_session: None, settings, serve_config: Path) -> str:
+    """The app, started by the deploy task (declaratively, as `diffusion-pipeline serve` does) from
+    the packaged Serve config with test-sized actor options -> its URL."""
+    import ray
+    from conftest import RAY_TEST_CPUS
+    from ray import serve
+
+    from flows.deploy import deploy
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=RAY_TEST_CPUS, include_dashboard=False, configure_logging=False)
     try:
         result = deploy.fn(MODEL, alias="champion", settings=settings, start_if_not_running=True,
                            serve_config=serve_config, timeout_s=240)
@@ -168,7 +176,7 @@ def test_array_output_matches_a_direct_sampler_call(server: str, reference, regi
     assert body["seeds"] == [11, 12, 13] and body["labels"] == [0, 5, 9]
     assert body["model"] == {"name": MODEL, "version": registry["v1"], "alias": "champion"}
     np.testing.assert_allclose(images, expected(reference, [11, 12, 13], [0, 5, 9]), atol=1e-4)
-    assert set(body["timings"]) == {"queue_s", "sampling_s", "total_s", "batch_images"}
+    assert set(body["timings"]) == {"queue_s", "sampling_s", "total_s", "batch_images", "batch_total_images"}
 
 
 def test_png_output_is_the_rounded_array(server: str, reference):
@@ -187,7 +195,7 @@ def test_random_seed_is_reported_and_reproduces_the_images(server: str):
     np.testing.assert_array_equal(np.asarray(first["images"]), np.asarray(again["images"]))
 
 
-def test_an_image_is_identical_alone_and_inside_a_merged_batch(server: str):
+def test_an_image_is_identical_alone_and_inside_a_merged_batch(server: str, settings):
     alone = post(server, {"num_images": 1, "seed": 7, "labels": [3], "format": "array"}).json()
     assert alone["timings"]["batch_images"] == 1
     payloads = [{"num_images": 1, "seed": 7, "labels": [3], "format": "array"},
@@ -197,6 +205,9 @@ def test_an_image_is_identical_alone_and_inside_a_merged_batch(server: str):
     assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
     merged = responses[0].json()
     assert merged["timings"]["batch_images"] > 1  # it really shared a run
+    # 19 images in 8 requests: a batch is capped by images (16), not by requests
+    totals = [r.json()["timings"]["batch_total_images"] for r in responses]
+    assert max(totals) <= settings.max_images_per_batch, totals
     # equal up to float32 rounding (CPU kernels may sum in another order for another batch size);
     # a different seed or a mixed-up slot differs by ~0.5
     np.testing.assert_allclose(np.asarray(merged["images"]), np.asarray(alone["images"]), atol=1e-4)
@@ -240,8 +251,10 @@ def test_client_and_generate_cli_write_pngs_and_a_grid(server: str, tmp_path: Pa
     with GenerationClient(server) as anonymous, pytest.raises(GenerationError) as err:
         anonymous.generate(1)
     assert err.value.status_code == 401
-    main(["generate", "--url", server, "-n", "5", "--seed", "0", "--out", str(tmp_path),
-          "--api-key", API_KEY, "--nrow", "4"])
+    with pytest.raises(SystemExit) as done:  # main() exits with the command's status
+        main(["generate", "--url", server, "-n", "5", "--seed", "0", "--out", str(tmp_path),
+              "--api-key", API_KEY, "--nrow", "4"])
+    assert done.value.code == 0
     pngs = sorted(p.name for p in tmp_path.glob("image_*.png"))
     assert pngs == [f"image_{i:03d}_seed{i}.png" for i in range(5)]
     grid = decode_png((tmp_path / "grid.png").read_bytes())
@@ -315,6 +328,93 @@ def test_overload_gets_503_quickly_and_the_replica_survives(server: str, setting
     assert rejected_after[len(rejected_after) // 2] < 10.0  # turned away at once, not after a wait
     assert httpx.get(f"{server}/healthz", timeout=30).status_code == 200
     assert post(server, {"num_images": 1, "seed": 0}).status_code == 200
+
+
+# ---------------------------------------------------------------------- other apps, failures
+
+
+def test_a_second_app_started_and_stopped_by_the_cli_leaves_the_first_running(
+        server: str, settings, serve_config: Path, registry: dict):
+    """start_app keeps the other declaratively deployed apps (Ray deletes those a config lacks), and
+    the CLI's exit deletes only its own app when it did not start Ray."""
+    import ray
+
+    from flows.cli.serve import serve_until_interrupted
+    from serving import control
+    from serving.config import ServeSettings
+
+    base = control.load_serve_config(serve_config)
+    second = ServeSettings.model_validate({
+        **settings.model_dump(), "app_name": "second", "route_prefix": "/second",
+        "checkpoint_dir": str(registry["checkpoint_v1"]), "alias": None})
+    seen: list[set[str]] = []
+
+    def while_serving() -> None:
+        seen.append(set(control.running_app_names()))
+        control.start_app(second, base, timeout_s=120)  # the same name again: replaced, others kept
+        seen.append(set(control.running_app_names()))
+        assert httpx.get(f"{second.url}/healthz", timeout=30).status_code == 200
+        raise KeyboardInterrupt
+
+    serve_until_interrupted(second, base, ray_address=None, block=while_serving)
+    assert seen == [{settings.app_name, "second"}] * 2
+    assert control.running_app_names() == [settings.app_name] and ray.is_initialized()
+    assert httpx.get(f"{server}/healthz", timeout=30).status_code == 200
+
+
+def test_a_failed_swap_keeps_the_model_and_does_not_fail_the_next_swap(server: str, settings,
+                                                                       registry: dict, tmp_path: Path):
+    from diffusion_core.errors import ConfigError
+    from serving import control
+    from serving.config import ModelSelection
+
+    app = settings.app_name
+    missing = ModelSelection(model_name=MODEL, checkpoint_dir=str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="failed on replica"):
+        control.switch_model(app, missing, timeout_s=120)
+    info = httpx.get(f"{server}/model", headers=AUTH, timeout=30).json()
+    assert info["version"] == registry["v1"] and "missing" in info["last_load_error"]
+    # the error of the failed swap is still reported while the next swap starts: it must not count
+    v2 = ModelSelection(model_name=MODEL, version=registry["v2"], tracking_uri=registry["uri"])
+    assert control.switch_model(app, v2, timeout_s=120).version == registry["v2"]
+    champion = ModelSelection(model_name=MODEL, alias="champion", version=registry["v1"],
+                              tracking_uri=registry["uri"])
+    info = control.switch_model(app, champion, timeout_s=120)
+    assert info.version == registry["v1"] and info.last_load_error is None
+
+
+def test_a_dead_or_silent_model_replica_gets_503_or_504_not_500_or_a_hang(server: str):
+    """An ingress in front of a model whose replica dies on describe and never answers generate."""
+    import os
+
+    from ray import serve
+
+    from serving.config import ServeSettings
+    from serving.ingress import GenerationIngress
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    class BrokenModel:
+        async def describe(self) -> None:
+            os._exit(1)  # the replica process dies: the ingress sees ActorDiedError
+
+        async def generate(self, job) -> None:
+            await asyncio.sleep(3600)
+
+    settings = ServeSettings(request_timeout_s=1.5, default_steps=STEPS)
+    ingress = GenerationIngress.options(ray_actor_options={"num_cpus": 0})
+    serve.run(ingress.bind(BrokenModel.bind(), settings.model_dump(mode="json")), name="broken",
+              route_prefix="/broken")
+    url = server.rstrip("/") + "/broken"
+    try:
+        started = time.perf_counter()
+        response = httpx.post(f"{url}/generate", json={"num_images": 1}, timeout=60)
+        assert response.status_code == 504 and "1.5s" in response.json()["detail"]
+        assert time.perf_counter() - started < 30
+        response = httpx.get(f"{url}/healthz", timeout=60)
+        assert response.status_code == 503 and "not ready" in response.json()["detail"]
+        assert httpx.get(f"{url}/model", timeout=60).status_code == 503
+    finally:
+        serve.delete("broken")
 
 
 # ------------------------------------------------------------------------------ hot swap (last)

@@ -29,3 +29,64 @@ def test_build_app_args_errors_name_the_field():
     with pytest.raises(ConfigError, match=r"serve\.port"):
         parse_settings({"port": 0})
     assert parse_settings({"model_name": "m", "port": "9000"}).port == 9000  # CLI args arrive as strings
+
+
+def test_serve_settings_layer_serve_config_args_then_config_file_then_env_then_flags(tmp_path, monkeypatch):
+    import yaml
+
+    from flows.cli import GlobalOptions
+    from flows.cli.serve import load_serve_settings
+    from serving import control
+
+    serve_config = control.load_serve_config()
+    app = serve_config["applications"][0]
+    app.update(name="from-yaml", route_prefix="/yaml")
+    app["args"].update(max_steps=77, default_steps=7, tracking_uri="http://yaml:1")
+    serve_config["http_options"]["port"] = 8123
+    serve_path = tmp_path / "serve_config.yaml"
+    serve_path.write_text(yaml.safe_dump(serve_config))
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text("serve:\n  max_steps: 88\n  tracking_uri: http://file:2\n")
+    monkeypatch.setattr(GlobalOptions, "config", pipeline)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:3")
+    settings, base = load_serve_settings(serve_path, {"port": 9001, "host": None})
+    assert (settings.app_name, settings.route_prefix, settings.default_steps) == ("from-yaml", "/yaml", 7)
+    assert settings.max_steps == 88 and settings.tracking_uri == "http://env:3" and settings.port == 9001
+    assert base["applications"][0]["args"]["max_steps"] == 77
+    deployed = control.serve_deploy_config(settings, base)
+    assert deployed["applications"][0]["args"]["max_steps"] == 88
+    assert deployed["http_options"]["port"] == 9001
+
+
+def test_packaged_serve_config_leaves_the_tracking_uri_to_mlflow(monkeypatch):
+    from flows.cli import GlobalOptions
+    from flows.cli.serve import load_serve_settings
+
+    monkeypatch.setattr(GlobalOptions, "config", None)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    settings, _ = load_serve_settings()
+    assert settings.tracking_uri is None and settings.max_images_per_batch == 32
+
+
+def test_deployment_decorators_take_their_defaults_from_serve_settings():
+    from serving.config import ServeSettings
+    from serving.ingress import GenerationIngress
+    from serving.model_deployment import DiffusionModel
+
+    defaults = ServeSettings()
+    batch = DiffusionModel.func_or_class._generate_batch
+    assert batch._get_max_batch_size() == defaults.max_images_per_batch
+    assert batch._get_batch_wait_timeout_s() == defaults.batch_wait_timeout_s
+    assert GenerationIngress.name == "GenerationIngress" and DiffusionModel.name == "DiffusionModel"
+
+
+def test_a_batch_counts_images_and_a_large_request_at_most_a_whole_batch():
+    from serving.batching import GenerationJob
+    from serving.model_deployment import _Pending, batch_weight
+
+    def pending(n: int, cap: int) -> _Pending:
+        job = GenerationJob(steps=4, sampler="ddim", guidance_scale=1.0, eta=0.0, seeds=tuple(range(n)))
+        return _Pending(job, 0.0, min(n, cap))
+
+    assert batch_weight([pending(1, 32), pending(12, 32), pending(3, 32)]) == 16
+    assert batch_weight([pending(64, 32)]) == 32  # fits a batch alone instead of being refused

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import typer
 
+from serving.config import SERVE_CONFIG_PATH
+
 
 def register(app: typer.Typer) -> None:
     app.command("generate")(generate_command)
@@ -26,7 +28,7 @@ def parse_labels(text: str | None) -> list[int] | None:
 def generate_command(
     out: Path = typer.Option(..., "--out", "-o", help="Directory for the PNGs and grid.png."),
     num_images: int = typer.Option(16, "--num-images", "-n", help="Images to generate."),
-    url: str | None = typer.Option(None, "--url", help="Server URL (default: the serve config's)."),
+    url: str | None = typer.Option(None, "--url", help="Server URL (default: what `serve` would use)."),
     steps: int | None = typer.Option(None, "--steps", help="Sampler steps (server default when unset)."),
     sampler: str | None = typer.Option(None, "--sampler", help="dpmpp_2m, ddim or ddpm."),
     guidance_scale: float = typer.Option(1.0, "--guidance-scale", help="Classifier-free guidance w."),
@@ -36,15 +38,15 @@ def generate_command(
     nrow: int = typer.Option(8, "--nrow", help="Images per grid row."),
     api_key: str | None = typer.Option(None, "--api-key", help="Bearer token (default: the env var named "
                                        "by serve.api_key_env)."),
+    serve_config: Path = typer.Option(SERVE_CONFIG_PATH, "--serve-config", help="Ray Serve config file "
+                                      "(with the config file's serve section: the default URL and key)."),
 ) -> None:
     """Generate images with a running server and save them."""
     from diffusion_core.images import make_grid, save_png
-    from flows.cli import GlobalOptions
-    from flows.config import load_config
+    from flows.cli.serve import load_serve_settings
     from serving.client import GenerationClient
-    from serving.config import ServeSettings
 
-    settings = load_config(ServeSettings, "serve", GlobalOptions.config)
+    settings, _ = load_serve_settings(serve_config)
     key = api_key or (os.environ.get(settings.api_key_env) if settings.api_key_env else None)
     label_list = parse_labels(labels)
     if label_list is not None and len(label_list) == 1:
