@@ -91,7 +91,8 @@ def register_version(checkpoint_dir: Path, evaluation: EvalResult, eval_config: 
         checkpoint_dir, model_name=registry.model_name, tracking_uri=registry.tracking_uri,
         run_id=training_run_id, tags={**eval_tags(evaluation, eval_config), **(extra_tags or {})},
         metrics=evaluation.as_metrics(),
-        experiment_name=registry.experiment_name, device=registry.device, lock_dir=registry.lock_dir)
+        experiment_name=registry.experiment_name, device=registry.device, lock_dir=registry.lock_dir,
+        lock_timeout_s=registry.lock_timeout_s)
     if extractor.directory is not None and version.run_id:
         log_directory(version.run_id, extractor.directory, "feature_classifier", registry.tracking_uri)
     return version
@@ -116,7 +117,7 @@ def gate(version: ModelVersionInfo, evaluation: EvalResult, reference: Reference
     return promote_if_better(
         version.name, version.version, margin=registry.gate_margin, candidate_fd=evaluation.fd,
         eval_key=evaluation.eval_key, force=force, tracking_uri=registry.tracking_uri,
-        lock_dir=registry.lock_dir,
+        lock_dir=registry.lock_dir, lock_timeout_s=registry.lock_timeout_s,
         reevaluate_champion=champion_reevaluator(reference, extractor, config, registry))
 
 

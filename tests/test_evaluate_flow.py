@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -77,22 +78,43 @@ def test_flow_evaluates_registers_and_gates(prefect_harness, mlflow_store, datas
     assert good.version.tags["eval_key"] == bad.version.tags["eval_key"]
 
 
+def cli(*args: str) -> int:
+    """Run the console script in-process; its exit code (0 when it returns without exiting)."""
+    try:
+        main(list(args))
+    except SystemExit as stop:
+        return int(stop.code or 0)
+    return 0
+
+
 def test_cli_evaluate_register_promote_rollback(mlflow_store, dataset, models, feature_cache, tmp_path,
-                                                capsys) -> None:
+                                                capsys, monkeypatch) -> None:
     config = tmp_path / "config.yaml"
     config.write_text(
         f"evaluate: {{num_samples: 100, steps: 4, sampler: ddim, cache_dir: '{feature_cache}'}}\n"
         f"registry: {{model_name: cli-digits, lock_dir: '{tmp_path}'}}\n")
+    run = lambda *args: cli("--config", str(config), *args)  # noqa: E731
+    for name in ("random init", "trained"):
+        assert run("register", str(models[name])) == 0  # MLFLOW_TRACKING_URI from the fixture
+    downloads = tmp_path / "tmp"  # where the evaluate command downloads registry models
+    downloads.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(downloads))
     result = tmp_path / "eval.json"
-    main(["--config", str(config), "evaluate", str(models["trained"]), dataset, "--output", str(result)])
+    assert run("evaluate", "models:/cli-digits/2", dataset, "--output", str(result)) == 0
+    assert list(downloads.iterdir()) == []  # the downloaded checkpoint is deleted after loading
+    assert run("evaluate", str(models["trained"]), str(tmp_path / "no-dataset")) == 2  # fails after loading
+    assert (models["trained"] / "spec.json").is_file()  # a local checkpoint is the user's: never deleted
     numbers = json.loads(result.read_text())
     assert numbers["fd"] > 0 and 0 <= numbers["precision"] <= 1 and numbers["inception_fid"] is None
-    for name in ("random init", "trained"):
-        main(["--config", str(config), "register", str(models[name])])  # MLFLOW_TRACKING_URI from fixture
-    main(["--config", str(config), "promote", "1", "--force"])
-    main(["--config", str(config), "promote", "2", "--force"])
-    main(["--config", str(config), "rollback"])
+    assert run("promote", "1", "--force") == 0
+    assert run("promote", "2", "--force") == 0
+    assert run("rollback") == 0
     out = capsys.readouterr().out
     assert "forced" in out and "rolled_back" in out
-    champion = MlflowClient(mlflow_store.tracking_uri).get_model_version_by_alias("cli-digits", CHAMPION)
-    assert str(champion.version) == "1"
+    client = MlflowClient(mlflow_store.tracking_uri)
+    assert str(client.get_model_version_by_alias("cli-digits", CHAMPION).version) == "1"
+    for version, fd in (("1", "10.0"), ("2", "50.0")):  # comparable numbers: version 2 is worse
+        client.set_model_version_tag("cli-digits", version, "eval_fd", fd)
+        client.set_model_version_tag("cli-digits", version, "eval_key", "same-settings")
+    assert run("promote", "2") == 1  # the gate rejects: the documented exit code
+    assert "rejected" in capsys.readouterr().out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import typer
@@ -52,7 +53,11 @@ def evaluate_command(
 
     config = load_eval_config(eval_overrides(num_samples, steps, sampler, seed, guidance_scale))
     directory = local_checkpoint(checkpoint)
-    loaded = load_checkpoint(directory, use_ema=config.use_ema, device=config.device)
+    try:
+        loaded = load_checkpoint(directory, use_ema=config.use_ema, device=config.device)
+    finally:  # the weights are in memory now; a registry download is ours to delete
+        if directory != Path(checkpoint):
+            shutil.rmtree(directory, ignore_errors=True)
     result = evaluate_model(loaded, reference_from_dataset(dataset), config)
     print_result(result)
     if output is not None:

@@ -1,4 +1,9 @@
-"""`diffusion-pipeline promote VERSION`: run the promotion gate for a registered version (or force it)."""
+"""`diffusion-pipeline promote VERSION`: run the promotion gate for a registered version (or force it).
+
+Exit codes: 0 when VERSION is champion afterwards (promoted, forced, or already champion); 1 when
+the gate rejects it (the champion is unchanged), so scripts can branch on the decision; 2 for an
+error the user can act on (DiffusionPipelineError, e.g. FDs that are not comparable).
+"""
 
 from __future__ import annotations
 
@@ -20,13 +25,17 @@ def promote_command(
         None, help="Prepared dataset to re-evaluate the champion on when its recorded FD was measured "
         "under other settings (the `evaluate` config section applies)."),
 ) -> None:
-    """Make VERSION the champion if its recorded FD beats the champion's by registry.gate_margin."""
+    """Make VERSION the champion if its recorded FD beats the champion's by registry.gate_margin.
+
+    Exits with code 1 when the gate rejects VERSION.
+    """
     from diffusion_core.adapters.mlflow_registry import promote_if_better
 
     registry = load_registry_config({"model_name": model_name, "tracking_uri": tracking_uri})
     decision = promote_if_better(
         registry.model_name, version, margin=registry.gate_margin, force=force,
         tracking_uri=registry.tracking_uri, lock_dir=registry.lock_dir,
+        lock_timeout_s=registry.lock_timeout_s,
         reevaluate_champion=None if dataset is None else _reevaluator(dataset, registry))
     print_decision(decision)
     if decision.action == "rejected":

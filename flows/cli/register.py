@@ -2,6 +2,8 @@
 
 With `--dataset` the checkpoint is evaluated first (numbers become version tags) and the promotion
 gate runs (unless `--no-gate`); without it the version is registered as `candidate` only.
+Exit code 0 once the version is registered, whatever the gate decided (the decision is printed);
+`promote` is the command whose exit code reports the gate.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ def register_command(
         print_version(log_and_register(checkpoint, model_name=registry.model_name,
                                        tracking_uri=registry.tracking_uri, run_id=run_id,
                                        experiment_name=registry.experiment_name, device=registry.device,
-                                       lock_dir=registry.lock_dir))
+                                       lock_dir=registry.lock_dir, lock_timeout_s=registry.lock_timeout_s))
         return
     from flows.evaluate import evaluate_and_register
 

@@ -20,4 +20,4 @@ def rollback_command(
 
     registry = load_registry_config({"model_name": model_name, "tracking_uri": tracking_uri})
     print_decision(rollback(registry.model_name, tracking_uri=registry.tracking_uri,
-                            lock_dir=registry.lock_dir))
+                            lock_dir=registry.lock_dir, lock_timeout_s=registry.lock_timeout_s))
