@@ -36,7 +36,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,8 +43,7 @@ from typing import Any, Literal, Self
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from safetensors.torch import load_file
-from safetensors.torch import save as safetensors_bytes
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from diffusion_core.checkpoint import (
@@ -382,7 +380,8 @@ def save_training_checkpoint(directory: str | Path, state: TrainState, config: T
     `training_state/`: optimiser tensors (safetensors), counters (JSON) and the config. Atomic: the
     training state is written inside the temp directory before the checkpoint is published, so a
     failure leaves any previous checkpoint at `directory` complete. The EMA's update count lives in
-    ema.safetensors' metadata only."""
+    ema.safetensors' metadata only. (save_checkpoint flushes every file of the temp directory to
+    disk before the rename that publishes it: atomic_io.replace_directory.)"""
 
     def write_training_state(tmp: Path) -> None:
         train_dir = tmp / TRAINING_STATE_DIR
@@ -390,9 +389,8 @@ def save_training_checkpoint(directory: str | Path, state: TrainState, config: T
         counters = {"step": state.step, "nonfinite_total": state.nonfinite_total,
                     "nonfinite_streak": state.nonfinite_streak,
                     "optimizer": write_optimizer_state(train_dir, state.optimizer)}
-        _write_durably(train_dir / STATE_FILE, json.dumps(counters, indent=2).encode())
-        _write_durably(train_dir / CONFIG_FILE, config.model_dump_json(indent=2).encode())
-        _fsync(train_dir)
+        (train_dir / STATE_FILE).write_text(json.dumps(counters, indent=2))
+        (train_dir / CONFIG_FILE).write_text(config.model_dump_json(indent=2))
 
     net = unwrap_model(state.model)
     return save_checkpoint(directory, net, spec, ema=state.ema, extra=write_training_state)
@@ -402,24 +400,8 @@ def write_optimizer_state(train_dir: Path, optimizer: torch.optim.Optimizer) -> 
     """Write the optimiser's tensors as safetensors; returns the JSON-able rest (param groups and
     scalars), which goes into state.json."""
     tensors, meta = _flatten_optimizer(optimizer)
-    _write_durably(train_dir / OPTIMIZER_FILE, safetensors_bytes(tensors))
+    save_file(tensors, str(train_dir / OPTIMIZER_FILE))
     return meta
-
-
-def _write_durably(path: Path, data: bytes) -> None:
-    """Write and fsync, so that publishing the checkpoint (a rename) publishes complete files."""
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def load_training_checkpoint(directory: str | Path, state: TrainState, config: TrainConfig) -> None:

@@ -207,8 +207,11 @@ def model_spec_for(config: TrainConfig, manifest: DatasetManifest) -> ModelSpec:
 
 def check_cluster_resources(config: TrainConfig) -> None:
     """Refuse requests the cluster cannot meet instead of letting fit() wait forever: GPUs that
-    are not there, and workers that reserve every CPU (Ray Data reads the dataset with CPU tasks,
-    which would then never start)."""
+    are not there, and workers that reserve every CPU. Ray Data reads the dataset with CPU tasks
+    that would then never start: in Ray 2.60 the file-listing task of read_parquet takes a whole CPU
+    whatever `ray_remote_args` the read tasks get, and Ray Data's budget excludes the workers' CPUs
+    (a 1-worker run reserving both CPUs of a 2-CPU Ray, with the reads at num_cpus=0, hung at
+    ListFiles)."""
     resources = ray.cluster_resources()
     if config.use_gpu:
         gpus, needed = resources.get("GPU", 0.0), config.num_workers * config.gpus_per_worker
@@ -431,9 +434,9 @@ def sample_grid(state: TrainState, spec: ModelSpec, config: TrainConfig) -> Any:
     """A uint8 (H, W, C) grid of samples from the EMA weights, generated as a loaded checkpoint would
     (LoadedModel.generate: same sampler call and value-range mapping). Class-conditional models get
     label i % num_classes for image i, so each column of the grid is one class."""
-    ema_model = LoadedModel(state.ema.averaged_model(state.model), spec, weights="ema")
+    loaded = LoadedModel(state.ema.averaged_model(state.model), spec, weights="ema")
     n, num_classes = config.num_sample_images, spec.unet.num_classes
     labels = torch.arange(n) % num_classes if num_classes else None
-    images = ema_model.generate(n, steps=config.sample_steps, sampler=config.sampler,
-                                seeds=list(range(n)), labels=labels)
+    images = loaded.generate(n, steps=config.sample_steps, sampler=config.sampler,
+                             seeds=list(range(n)), labels=labels)
     return make_grid(to_uint8(images), nrow=num_classes or 8)
