@@ -221,19 +221,29 @@ def _client(tracking_uri: str | None) -> MlflowClient:
 
 @contextlib.contextmanager
 def _fluent_uri(tracking_uri: str | None) -> Iterator[None]:
-    """Point MLflow's fluent API (needed by log_model) at `tracking_uri`, restoring the previous
-    tracking and registry URIs afterwards (each its own: they may differ)."""
+    """Point MLflow's fluent API (needed by log_model) and its registry at `tracking_uri`, then put
+    back exactly what was there: both module-level URIs and the MLFLOW_TRACKING_URI /
+    MLFLOW_REGISTRY_URI environment variables that MLflow's setters also write."""
     if tracking_uri is None:
         yield
         return
-    previous_tracking, previous_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    saved = (tracking_utils._tracking_uri, registry_utils._registry_uri)
+    saved_env = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
+    registry_utils._registry_uri = tracking_uri
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(previous_tracking)
-        mlflow.set_registry_uri(previous_registry)
+        mlflow.set_tracking_uri(saved[0])  # None unsets the env var; it is put back below
+        registry_utils._registry_uri = saved[1]
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _info(mv: ModelVersion) -> ModelVersionInfo:
