@@ -54,22 +54,15 @@ def make_checkpoint(path: Path, num_classes: int | None, seed: int) -> Path:
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Versions 1 (conditional, champion, fd tag 1.5) and 2 (unconditional) of MODEL."""
-    import mlflow
 
     from diffusion_core.adapters.mlflow_registry import log_and_register
 
     root = tmp_path_factory.mktemp("serve_registry")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    # MLflow resolves a `models:/m-...` version source through the process-wide URI, whatever URI
-    # the client was given; the app itself is given `uri` explicitly.
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        return _register_versions(root, uri, log_and_register)
-    finally:
-        mlflow.set_tracking_uri(previous)
-        mlflow.set_registry_uri(previous)
+    # log_and_register points MLflow's process-wide URIs at `uri` only while it registers (it must:
+    # a `models:/m-...` source resolves through them) and the app is given `uri` explicitly, so
+    # nothing here touches the process-wide URIs.
+    return _register_versions(root, uri, log_and_register)
 
 
 def _register_versions(root: Path, uri: str, log_and_register) -> dict:
