@@ -27,7 +27,6 @@ import logging
 import math
 import os
 import platform
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffusion_core.atomic_io import atomic_write_text
 from diffusion_core.ema import EMA
 from diffusion_core.guidance import NULL_LABEL
 from diffusion_core.objective import ObjectiveConfig, training_loss
@@ -275,11 +275,7 @@ def quality_rows(seconds: float) -> dict[str, Any]:
 
 
 def write_atomically(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        json.dump(payload, f, indent=2)
-    os.chmod(f.name, 0o644)  # NamedTemporaryFile creates 0600
-    Path(f.name).replace(path)
+    atomic_write_text(path, json.dumps(payload, indent=2))
 
 
 def main() -> None:

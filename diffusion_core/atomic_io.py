@@ -8,6 +8,7 @@ survives a crash.
 
 - `atomic_write_bytes` / `atomic_write_text`: temp file in the target's directory, fsync,
   `os.replace` over the target (atomic for files), fsync the directory.
+- `staging_dir`: the hidden sibling a directory is built in before `replace_directory` publishes it.
 - `replace_directory`: a directory cannot be renamed over a non-empty one, so publishing takes two
   renames: the old directory aside, then the new one in. A reader arriving between them finds no
   directory (and fails loudly rather than reading a mix); if the second rename fails, the old
@@ -31,8 +32,39 @@ def fsync_path(path: str | Path) -> None:
         os.close(fd)
 
 
+def process_umask() -> int:
+    """The process umask. Read from /proc where Linux exposes it, because setting and restoring it
+    (the only portable way to read it) races with other threads creating files."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _plain_mode(directory: bool) -> int:
+    """The mode `open`/`mkdir` would give: tempfile's private 0600/0700 would otherwise be published,
+    leaving datasets, checkpoints and sample grids unreadable to the team and to other services."""
+    return (0o777 if directory else 0o666) & ~process_umask()
+
+
+def staging_dir(target: str | Path) -> Path:
+    """A new empty hidden directory beside `target` (same filesystem, so `replace_directory` can
+    rename it in), with the permissions a plain mkdir would give."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    os.chmod(tmp, _plain_mode(directory=True))
+    return tmp
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write `data` to `path` atomically, creating parent directories; returns the path.
+    """Write `data` to `path` atomically, creating parent directories; returns the path. The file
+    gets the permissions a plain `open` would give (umask applied).
 
     On any failure the temp file is removed and a previous file at `path` is left untouched.
     """
@@ -40,6 +72,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _plain_mode(directory=False))
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

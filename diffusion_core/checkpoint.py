@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Self
@@ -29,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from diffusion_core.atomic_io import replace_directory
+from diffusion_core.atomic_io import replace_directory, staging_dir
 from diffusion_core.ema import EMA, unwrap_model
 from diffusion_core.errors import CheckpointError, ConfigError, describe_validation_error
 from diffusion_core.images import MODEL_VALUE_RANGE, to_unit_range
@@ -139,8 +138,7 @@ def save_checkpoint(
     if ema is not None:
         _check_state_matches(net, ema.shadow, "ema")
     _refuse_to_overwrite_non_checkpoint(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    tmp = staging_dir(directory)
     try:
         if extra is not None:
             extra(tmp)

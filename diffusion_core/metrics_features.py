@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from diffusion_core.atomic_io import replace_directory
+from diffusion_core.atomic_io import replace_directory, staging_dir
 
 logger = logging.getLogger(__name__)
 
@@ -147,8 +146,7 @@ def accuracy(net: FeatureNet, images: Tensor, labels: Tensor) -> float:
 def _write_atomically(directory: Path, net: FeatureNet, meta: dict) -> None:
     """Write weights + meta into a temp dir beside `directory`, then publish it with
     atomic_io.replace_directory (a half-written cache entry is never visible)."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+    tmp = staging_dir(directory)
     try:
         save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp / WEIGHTS_FILE))
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))

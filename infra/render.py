@@ -14,14 +14,14 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import os
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from diffusion_core.atomic_io import atomic_write_text
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_SPEC_PATH = REPO_ROOT / "infra" / "templates" / "ray-cluster-spec.yaml"
@@ -181,13 +181,6 @@ def render_all() -> dict[Path, str]:
     return {K8S_DIR / name: render(name) for name in GENERATED}
 
 
-def write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def stale_manifests(rendered: dict[Path, str]) -> list[Path]:
     """Generated manifests whose committed text differs from the rendering (or that are missing)."""
     return [p for p, text in rendered.items() if not p.is_file() or p.read_text() != text]
@@ -205,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             logger.error("%s is stale: run `python -m infra.render`", path.relative_to(REPO_ROOT))
         return 1 if stale else 0
     for path in stale:
-        write_atomic(path, rendered[path])
+        atomic_write_text(path, rendered[path])
         logger.info("wrote %s", path.relative_to(REPO_ROOT))
     return 0
 

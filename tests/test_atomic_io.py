@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from diffusion_core.atomic_io import atomic_write_bytes, atomic_write_text, replace_directory
+from diffusion_core.atomic_io import (
+    atomic_write_bytes,
+    atomic_write_text,
+    process_umask,
+    replace_directory,
+    staging_dir,
+)
 
 
 def test_atomic_write_creates_parents_replaces_and_leaves_no_temp_file(tmp_path: Path) -> None:
@@ -58,3 +64,32 @@ def test_replace_directory_restores_the_old_directory_when_the_new_one_cannot_mo
         replace_directory(tmp_path / ".tmp-missing", target)
     assert (target / "file.txt").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["target"]
+
+
+@pytest.fixture()
+def umask():
+    """Run with a chosen umask and put the process's own back afterwards."""
+    previous = os.umask(0o022)
+    os.umask(previous)
+
+    def use(mask: int) -> None:
+        os.umask(mask)
+
+    yield use
+    os.umask(previous)
+
+
+@pytest.mark.parametrize(("mask", "file_mode", "dir_mode"), [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700),
+                                                             (0o002, 0o664, 0o775)])
+def test_published_files_and_directories_get_plain_permissions(tmp_path: Path, umask, mask: int,
+                                                               file_mode: int, dir_mode: int) -> None:
+    # tempfile creates 0600 files and 0700 dirs; publishing those would lock the team out.
+    umask(mask)
+    assert process_umask() == mask
+    path = atomic_write_bytes(tmp_path / "grid.png", b"png")
+    assert path.stat().st_mode & 0o777 == file_mode
+    staged = staging_dir(tmp_path / "ckpt")
+    assert staged.parent == tmp_path and staged.name.startswith(".ckpt.")
+    (staged / "spec.json").write_text("{}")
+    published = replace_directory(staged, tmp_path / "ckpt")
+    assert published.stat().st_mode & 0o777 == dir_mode
