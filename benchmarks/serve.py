@@ -56,7 +56,7 @@ def percentile_ms(latencies: list[float], q: float) -> float:
 async def closed_loop(url: str, concurrency: int, steps: int, seconds: float) -> dict[str, float]:
     """`concurrency` clients, each sending 1-image requests back to back for `seconds`."""
     latencies: list[float] = []
-    batch_sizes: list[int] = []
+    timings: list[dict[str, float]] = []  # the server's own account of each request (schemas.Timings)
     failures = 0
     payload = {"num_images": 1, "steps": steps}
 
@@ -69,7 +69,7 @@ async def closed_loop(url: str, concurrency: int, steps: int, seconds: float) ->
             i += 1
             if response.status_code == 200:
                 latencies.append(time.perf_counter() - start)
-                batch_sizes.append(response.json()["timings"]["batch_images"])
+                timings.append(response.json()["timings"])
             else:
                 failures += 1
 
@@ -82,7 +82,18 @@ async def closed_loop(url: str, concurrency: int, steps: int, seconds: float) ->
         elapsed = time.perf_counter() - started
     return {"images_per_s": round(len(latencies) / elapsed, 2), "p50_ms": percentile_ms(latencies, 50),
             "p95_ms": percentile_ms(latencies, 95), "requests": len(latencies), "failures": failures,
-            "mean_batch_images": round(float(np.mean(batch_sizes)), 2)}
+            **server_side_means(timings)}
+
+
+def server_side_means(timings: list[dict[str, float]]) -> dict[str, float]:
+    """Where the time went, from the server's timings: queueing at the model replica, sampling, the
+    ingress's total (the rest of the client's latency is the HTTP proxy and the client itself)."""
+    def mean(key: str, scale: float = 1.0) -> float:
+        return round(float(np.mean([t[key] for t in timings])) * scale, 2)
+
+    return {"mean_batch_images": mean("batch_images"), "mean_batch_total_images": mean("batch_total_images"),
+            "mean_queue_ms": mean("queue_s", 1000), "mean_sampling_ms": mean("sampling_s", 1000),
+            "mean_ingress_total_ms": mean("total_s", 1000)}
 
 
 def direct_rate(loaded: LoadedModel, batch: int, steps: int, seconds: float) -> float:

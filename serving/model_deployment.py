@@ -1,12 +1,14 @@
 """The model deployment: loads a checkpoint from the MLflow registry and runs batched reverse sampling.
 
-Requests arrive one `GenerationJob` per call; `@serve.batch` collects them until their images reach
-`max_images_per_batch` (it counts images through `batch_size_fn`, not requests), `batching.plan_runs`
-packs those images into homogeneous sampler runs, and the results are split back per request. So a
-batch holds at most `max_images_per_batch` images and every request in it waits for at most that much
-sampling; a single request larger than that (up to max_images_per_request) makes a batch alone, run
-as several runs one after another. Sampling runs in a worker thread so that the replica keeps
-accepting requests (which then form the next batch) and answering health checks while it computes.
+Requests arrive one `GenerationJob` per call; `@serve.batch` collects them for up to
+`batch_wait_timeout_s` or until their images reach `max_images_per_batch` (it counts images through
+`batch_size_fn`, not requests). Serve closes batches while the model is still busy with an earlier
+one, so each closed batch hands its requests to a `batching.RunCoalescer`: the next batch to get the
+model takes every request waiting, oldest first, up to `max_images_per_batch` images, so whatever
+queued during a run is sampled together. `batching.plan_runs` packs those images into homogeneous
+sampler runs and the results are split back per request. A single request larger than the limit (up
+to max_images_per_request) is sampled alone, as several runs one after another. Sampling runs in a
+worker thread so that the replica keeps accepting requests and answering health checks meanwhile.
 
 Hot swap: Serve calls `reconfigure(user_config)` when the deployment's user_config changes. The new
 model loads in a thread while the old one keeps serving; the reference is then replaced in one
@@ -32,12 +34,32 @@ from ray import serve
 
 from diffusion_core.checkpoint import LoadedModel, load_checkpoint
 from diffusion_core.errors import ConfigError
-from serving.batching import GenerationJob, Run, largest_run_per_job, plan_runs, scatter_results
+from serving.batching import (
+    GenerationJob,
+    Run,
+    RunCoalescer,
+    largest_run_per_job,
+    plan_runs,
+    scatter_results,
+)
 from serving.config import MODEL_DEPLOYMENT, ModelDeploymentConfig, ModelSelection, settings_default
 from serving.schemas import ModelInfo, ModelRef, ReplicaLoadState
 from serving.validation import label_errors
 
 logger = logging.getLogger(__name__)
+
+# How many closed Serve batches may hand their requests to the RunCoalescer at once; one sampling run
+# happens at a time regardless. Each batch holds at least one request, so any bound at or above the
+# deployment's max_ongoing_requests means no batch ever waits outside the coalescer.
+MAX_WAITING_BATCHES = 4096
+
+
+class _BatchBoundWarningFilter(logging.Filter):
+    """Serve warns when max_batch_size * max_concurrent_batches exceeds max_ongoing_requests, assuming
+    the batches run concurrently; here they only wait for the coalescer, so the warning is wrong."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`max_concurrent_batches`" not in record.getMessage()
 
 
 @dataclass(frozen=True)
@@ -160,11 +182,13 @@ class DiffusionModel:
 
     def __init__(self) -> None:
         torch.set_num_threads(_replica_cpu_threads())
+        logging.getLogger("ray.serve").addFilter(_BatchBoundWarningFilter())  # where @serve.batch logs
         self._served: ServedModel | None = None
         self._config: ModelDeploymentConfig | None = None
         self._last_load_error: str | None = None
         self._failed_selection: ModelSelection | None = None  # what the failed load was asked for
         self._swap_lock = asyncio.Lock()
+        self._runs: RunCoalescer[_Pending, JobOutcome] = RunCoalescer()
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         config = ModelDeploymentConfig.model_validate(user_config)
@@ -209,9 +233,15 @@ class DiffusionModel:
         return await self._generate_batch(_Pending(job, time.perf_counter(), weight))
 
     @serve.batch(max_batch_size=settings_default("max_images_per_batch"),
-                 batch_wait_timeout_s=settings_default("batch_wait_timeout_s"), batch_size_fn=batch_weight)
+                 batch_wait_timeout_s=settings_default("batch_wait_timeout_s"), batch_size_fn=batch_weight,
+                 max_concurrent_batches=MAX_WAITING_BATCHES)
     async def _generate_batch(self, pending: list[_Pending]) -> list[JobOutcome]:
-        served = self._served  # a swap during this batch affects the next one
+        return await self._runs.run(pending, [p.weight for p in pending], self._config.max_images_per_batch,
+                                    self._sample)
+
+    async def _sample(self, pending: list[_Pending]) -> list[JobOutcome]:
+        """One sampling turn for `pending` (possibly from several Serve batches)."""
+        served = self._served  # a swap during this turn affects the next one
         started = time.perf_counter()
         num_classes = served.loaded.spec.unet.num_classes
         errors = ["; ".join(label_errors(p.job.labels, num_classes)) for p in pending]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 
-from serving.batching import GenerationJob, largest_run_per_job, plan_runs, scatter_results
+from serving.batching import GenerationJob, RunCoalescer, largest_run_per_job, plan_runs, scatter_results
 from serving.config import ServeSettings
 from serving.schemas import GenerateRequest
 from serving.validation import label_errors, limit_errors
@@ -86,3 +88,95 @@ def test_label_errors_against_the_model():
 def test_settings_refuse_a_queue_that_would_cap_batches():
     with pytest.raises(ValueError, match="max_ongoing_requests"):
         ServeSettings(max_images_per_batch=32, max_ongoing_requests=5)
+
+
+# ------------------------------------------------------------------------------- the RunCoalescer
+
+
+class GatedSampler:
+    """A `sample` for RunCoalescer that records each run and holds it until the test opens the gate."""
+
+    def __init__(self) -> None:
+        self.runs: list[list[str]] = []
+        self.gate = asyncio.Event()
+        self.fail_next = False
+
+    async def __call__(self, items: list[str]) -> list[str]:
+        self.runs.append(list(items))
+        await self.gate.wait()
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("sampler broke")
+        return [f"image of {item}" for item in items]
+
+
+async def _settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+def test_batches_closed_during_a_run_share_the_next_run() -> None:
+    """Serve's closed batches ([a], then [b], [c, d] while a samples) become runs [a], [b, c, d]."""
+
+    async def scenario() -> tuple[list, list]:
+        coalescer, sampler = RunCoalescer(), GatedSampler()
+        submit = lambda items: asyncio.create_task(  # noqa: E731
+            coalescer.run(items, [1] * len(items), 32, sampler))
+        first = submit(["a"])
+        await _settle()
+        later = [submit(["b"]), submit(["c", "d"])]
+        await _settle()
+        sampler.gate.set()
+        results = await asyncio.gather(first, *later)
+        return sampler.runs, results
+
+    runs, results = asyncio.run(scenario())
+    assert runs == [["a"], ["b", "c", "d"]]
+    assert results == [["image of a"], ["image of b"], ["image of c", "image of d"]]
+
+
+def test_runs_respect_the_weight_limit_oldest_first() -> None:
+    async def scenario() -> list:
+        coalescer, sampler = RunCoalescer(), GatedSampler()
+        tasks = [asyncio.create_task(coalescer.run(["big"], [20], 32, sampler))]
+        await _settle()
+        for name, weight in (("x", 10), ("y", 10), ("z", 20), ("w", 1)):
+            tasks.append(asyncio.create_task(coalescer.run([name], [weight], 32, sampler)))
+        await _settle()
+        sampler.gate.set()
+        await asyncio.gather(*tasks)
+        return sampler.runs
+
+    # "w" would fit beside x and y, but it arrived after z: nothing is skipped, so nothing starves.
+    assert asyncio.run(scenario()) == [["big"], ["x", "y"], ["z", "w"]]
+
+
+def test_a_failed_run_fails_its_items_and_the_next_run_still_happens() -> None:
+    async def scenario() -> tuple[list, object, object]:
+        coalescer, sampler = RunCoalescer(), GatedSampler()
+        first = asyncio.create_task(coalescer.run(["a"], [1], 32, sampler))
+        await _settle()
+        sampler.fail_next = True
+        sampler.gate.set()
+        failed = await asyncio.gather(first, return_exceptions=True)
+        ok = await coalescer.run(["b"], [1], 32, sampler)
+        return sampler.runs, failed[0], ok
+
+    runs, failed, ok = asyncio.run(scenario())
+    assert isinstance(failed, RuntimeError) and "sampler broke" in str(failed)
+    assert runs == [["a"], ["b"]] and ok == ["image of b"]
+
+
+def test_cancelling_the_batch_that_runs_does_not_strand_the_others() -> None:
+    async def scenario() -> object:
+        coalescer, sampler = RunCoalescer(), GatedSampler()
+        runner = asyncio.create_task(coalescer.run(["a"], [1], 32, sampler))
+        await _settle()
+        waiting = asyncio.create_task(coalescer.run(["b"], [1], 32, sampler))
+        await _settle()
+        runner.cancel()  # while it holds the model; "b" then runs in its own turn
+        await _settle()
+        sampler.gate.set()
+        return await asyncio.wait_for(waiting, timeout=5)
+
+    assert asyncio.run(scenario()) == ["image of b"]
