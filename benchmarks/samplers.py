@@ -14,7 +14,9 @@ Part 2 (quality). A small UNet is trained for --train-seconds on sklearn digits 
 `objective.training_loss`, then every sampler x steps draws the same seeds and labels; scores: a
 LogisticRegression digit classifier trained on the real digits (mean max-confidence, entropy of the
 predicted-class histogram, agreement with the requested label) and the mean distance to the nearest
-real digit. diffusers is a `bench` extra: the library never imports it.
+real digit. Each row is scored without x0 clipping on both sides ("ours", "diffusers") and with x0
+clamped to [-1, 1] ("ours_clip_x0", which LoadedModel.generate does by default; "diffusers_clip_sample",
+diffusers' default for DDPM/DDIM). diffusers is a `bench` extra: the library never imports it.
 
 Writes benchmarks/results/samplers.json (with machine info).
 """
@@ -92,20 +94,20 @@ def start_noise(shape: tuple[int, ...]) -> torch.Tensor:
 # ------------------------------------------------------------------------------------- diffusers
 
 
-def diffusers_scheduler(kind: str, schedule_name: str):
+def diffusers_scheduler(kind: str, schedule_name: str, clip: bool = False):
     import diffusers  # the `bench` extra
 
     cls = getattr(diffusers, DIFFUSERS_NAMES[kind])
     kwargs: dict[str, Any] = {"num_train_timesteps": 1000, "beta_schedule": DIFFUSERS_BETAS[schedule_name]}
     if kind in ("ddpm", "ddim"):
-        kwargs["clip_sample"] = False  # the default True clamps x0 to [-1, 1]; ours does not clip
+        kwargs["clip_sample"] = clip  # diffusers' default True clamps x0 to [-1, 1], like our clip_x0=1
     return cls(**kwargs)
 
 
 def run_diffusers(kind: str, schedule_name: str, model_fn: ModelFn, x: torch.Tensor, steps: int,
-                  labels: torch.Tensor | None = None, seed: int = 0) -> torch.Tensor:
+                  labels: torch.Tensor | None = None, seed: int = 0, clip: bool = False) -> torch.Tensor:
     """diffusers' sampling loop: scheduler.step(model(x, t), t, x) over scheduler.timesteps."""
-    sched = diffusers_scheduler(kind, schedule_name)
+    sched = diffusers_scheduler(kind, schedule_name, clip)
     sched.set_timesteps(steps)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -262,9 +264,18 @@ def quality_rows(seconds: float) -> dict[str, Any]:
             theirs, t_theirs = timed(
                 lambda: run_diffusers(kind, "cosine", model, x_start, steps, labels)  # noqa: B023
             )
-            rows.append({"sampler": kind, "steps": steps,
-                         "ours": {**judge.score(ours, labels), "seconds": t_ours},
-                         "diffusers": {**judge.score(theirs, labels), "seconds": t_theirs}})
+            row = {"sampler": kind, "steps": steps,
+                   "ours": {**judge.score(ours, labels), "seconds": t_ours},
+                   "diffusers": {**judge.score(theirs, labels), "seconds": t_theirs}}
+            # x0 clamped to the data range [-1, 1]: LoadedModel.generate's default ("auto"), and
+            # diffusers' default for DDPM/DDIM (DPMSolverMultistep has no static clip).
+            ours_clip = sample(model, shape, sched, sampler=kind, steps=steps, seeds=list(range(n)),
+                               labels=labels, clip_x0=1.0)
+            row["ours_clip_x0"] = judge.score(ours_clip, labels)
+            if kind in ("ddpm", "ddim"):
+                theirs_clip = run_diffusers(kind, "cosine", model, x_start, steps, labels, clip=True)
+                row["diffusers_clip_sample"] = judge.score(theirs_clip, labels)
+            rows.append(row)
             log.info("quality %s %d: ours %s | diffusers %s", kind, steps, rows[-1]["ours"],
                      rows[-1]["diffusers"])
     return {"train_seconds": seconds, "train_steps": steps_trained, "final_loss_ema": final_loss,

@@ -22,7 +22,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -61,6 +61,9 @@ class EvalConfig(BaseModel):
     steps: int = Field(20, ge=1)
     seed: int = Field(0, ge=0, description="sample i uses seed + i")
     guidance_scale: float = Field(1.0, ge=0.0)
+    clip_x0: float | Literal["auto", "dynamic"] | None = Field(
+        "auto", description="x0 clipping while sampling: auto (the model's data range, "
+        "checkpoint.data_range_clip), a positive float, dynamic, or null (none)")
     class_conditional: bool = Field(
         True, description="for class-conditional models, request labels 0..K-1 in turn (else unconditional)")
     nearest_k: int = Field(3, ge=1, description="k of k-NN precision/recall")
@@ -133,8 +136,8 @@ def eval_settings_key(fingerprint: str, num_val: int, config: EvalConfig) -> str
     """A hash of everything an FD number depends on besides the model: two FDs are comparable
     exactly when their keys are equal."""
     relevant = config.model_dump(mode="json", include={
-        "num_samples", "sampler", "steps", "seed", "guidance_scale", "class_conditional", "nearest_k",
-        "use_ema", "feature_net"})
+        "num_samples", "sampler", "steps", "seed", "guidance_scale", "clip_x0", "class_conditional",
+        "nearest_k", "use_ema", "feature_net"})
     payload = json.dumps({"fingerprint": fingerprint, "num_val": num_val, **relevant}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -191,7 +194,8 @@ def generate_eval_samples(loaded: LoadedModel, config: EvalConfig, labels: Tenso
         seeds = list(range(config.seed + first, config.seed + first + n))
         batch_labels = None if labels is None else labels[first:first + n]
         chunks.append(loaded.generate(n, steps=config.steps, sampler=config.sampler, seeds=seeds,
-                                      labels=batch_labels, guidance_scale=config.guidance_scale))
+                                      labels=batch_labels, guidance_scale=config.guidance_scale,
+                                      clip_x0=config.clip_x0))
         done = first + n
         rate = done / max(time.monotonic() - start, 1e-9)
         logger.info("evaluation sampling %d/%d images (%.1f img/s, ETA %.0fs)", done, config.num_samples,

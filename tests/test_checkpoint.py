@@ -13,6 +13,7 @@ from diffusion_core.checkpoint import (
     DataSpec,
     LoadedModel,
     ModelSpec,
+    data_range_clip,
     load_checkpoint,
     read_ema_state,
     save_checkpoint,
@@ -216,9 +217,15 @@ def test_generate_returns_images_in_unit_range_matching_the_sampler(saved) -> No
     images = loaded.generate(3, steps=4, seeds=[1, 2, 3], labels=[0, 5, -1], guidance_scale=2.0)
     assert images.shape == (3, 1, 8, 8) and images.dtype == torch.float32
     assert images.min() >= 0.0 and images.max() <= 1.0
+    # "auto" clipping: x0_hat clamped to the data range [-1, 1] at every step.
     raw = sample(loaded.model_fn, (3, 1, 8, 8), loaded.schedule, steps=4, seeds=[1, 2, 3],
-                 labels=torch.tensor([0, 5, -1]), guidance_scale=2.0)
+                 labels=torch.tensor([0, 5, -1]), guidance_scale=2.0, clip_x0=1.0)
     torch.testing.assert_close(images, ((raw + 1) / 2).clamp(0, 1))
+    unclipped = sample(loaded.model_fn, (3, 1, 8, 8), loaded.schedule, steps=4, seeds=[1, 2, 3],
+                       labels=torch.tensor([0, 5, -1]), guidance_scale=2.0)
+    torch.testing.assert_close(loaded.generate(3, steps=4, seeds=[1, 2, 3], labels=[0, 5, -1],
+                                               guidance_scale=2.0, clip_x0=None),
+                               ((unclipped + 1) / 2).clamp(0, 1))
     # Image i depends only on its own seed and label.
     other = loaded.generate(2, steps=4, seeds=[1, 9], labels=[0, 7], guidance_scale=2.0)
     torch.testing.assert_close(other[0], images[0], rtol=0, atol=1e-5)
@@ -239,3 +246,13 @@ def test_save_refuses_an_ema_of_another_model(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="ema"):
         save_checkpoint(tmp_path / "ckpt", model, spec, ema=other_ema)
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_auto_clip_is_the_symmetric_data_range() -> None:
+    spec = make_spec()
+    assert spec.data.value_range == (-1.0, 1.0) and data_range_clip(spec) == 1.0
+    wide = spec.model_copy(update={"data": spec.data.model_copy(update={"value_range": (-2.0, 2.0)})})
+    assert data_range_clip(wide) == 2.0
+    unit = spec.model_copy(update={"data": spec.data.model_copy(update={"value_range": (0.0, 1.0)})})
+    assert data_range_clip(unit) is None  # a symmetric clamp would cut valid data
+
