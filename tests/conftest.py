@@ -35,6 +35,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture()
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread for tests of tiny models: on a CPU shared with other test processes,
+    torch's spinning worker threads can slow them down 30-fold."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def _ray_session() -> Iterator[None]:
     yield

@@ -30,14 +30,7 @@ from diffusion_core.unet import UNet, UNetConfig
 CHECKPOINT_FILES = {"model.safetensors", "ema.safetensors", "spec.json"}
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on a CPU shared with other test processes, torch's spinning worker
-    threads can slow these small models down 30-fold."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see conftest
 
 
 def make_spec(num_classes: int | None = 10, **unet_overrides) -> ModelSpec:

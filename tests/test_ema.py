@@ -24,19 +24,24 @@ def set_weights(model: nn.Module, source: nn.Module) -> None:
             p.copy_(q)
 
 
-def test_constant_decay_matches_closed_form() -> None:
-    """Without warm-up, k updates toward a fixed target give target + (init - target) * decay**k."""
+def assert_average_toward_fixed_target(decay: float, warmup: bool, k: int, factor: float) -> None:
+    """EMA from a model's initial weights, updated k times with the model held at a fixed target:
+    the shadow must be target + (init - target) * factor."""
     model, target = linear64(0), linear64(1)
-    init = {k: v.clone() for k, v in model.state_dict().items()}
-    ema = EMA(model, decay=0.9, warmup=False)
+    init = {name: v.clone() for name, v in model.state_dict().items()}
+    ema = EMA(model, decay=decay, warmup=warmup)
     set_weights(model, target)
-    k = 7
     for _ in range(k):
         ema.update(model)
     assert ema.num_updates == k
     for name, value in target.state_dict().items():
-        expected = value + (init[name] - value) * 0.9**k
+        expected = value + (init[name] - value) * factor
         torch.testing.assert_close(ema.shadow[name], expected, rtol=1e-12, atol=1e-12)
+
+
+def test_constant_decay_matches_closed_form() -> None:
+    """Without warm-up, k updates toward a fixed target give target + (init - target) * decay**k."""
+    assert_average_toward_fixed_target(decay=0.9, warmup=False, k=7, factor=0.9**7)
 
 
 def test_warmup_decay_formula() -> None:
@@ -48,17 +53,8 @@ def test_warmup_decay_formula() -> None:
 
 def test_warmup_average_matches_product_of_decays() -> None:
     """With warm-up, ema_k = target + (init - target) * prod_{n<k} min(decay, (1+n)/(10+n))."""
-    model, target = linear64(0), linear64(1)
-    init = {k: v.clone() for k, v in model.state_dict().items()}
-    ema = EMA(model, decay=0.5, warmup=True)
-    set_weights(model, target)
-    k = 12
-    for _ in range(k):
-        ema.update(model)
-    factor = math.prod(min(0.5, (1 + n) / (10 + n)) for n in range(k))
-    for name, value in target.state_dict().items():
-        expected = value + (init[name] - value) * factor
-        torch.testing.assert_close(ema.shadow[name], expected, rtol=1e-12, atol=1e-12)
+    factor = math.prod(min(0.5, (1 + n) / (10 + n)) for n in range(12))
+    assert_average_toward_fixed_target(decay=0.5, warmup=True, k=12, factor=factor)
 
 
 def test_float_buffers_are_averaged_and_integer_buffers_copied() -> None:

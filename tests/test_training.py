@@ -36,13 +36,7 @@ TINY_UNET = UNetConfig(image_size=8, in_channels=1, base_channels=8, channel_mul
                        attention_resolutions=(), num_heads=1, num_classes=10)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: the tests are tiny, and the shared 2-core machine is often busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see conftest
 
 
 def tiny_config(**overrides: object) -> TrainConfig:

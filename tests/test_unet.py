@@ -15,14 +15,7 @@ from diffusion_core.unet import UNet, UNetConfig, count_parameters, timestep_emb
 SMALL = {"base_channels": 16, "num_res_blocks": 1, "num_heads": 2}
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on a CPU shared with other test processes, torch's spinning worker
-    threads can slow these small models down 30-fold."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see conftest
 
 
 def randomised(model: UNet, seed: int = 0) -> UNet:
