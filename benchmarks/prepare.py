@@ -99,8 +99,9 @@ def main() -> None:
         "runs": runs, "peak_rss_ratio_largest_to_smallest": round(peaks[-1] / peaks[0], 3),
         "machine": machine_info(),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    from diffusion_core.atomic_io import atomic_write_text  # lazily, as elsewhere in this script
+
+    atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
 
 

@@ -285,10 +285,6 @@ def quality_rows(seconds: float) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------- main
 
 
-def write_atomically(path: Path, payload: dict[str, Any]) -> None:
-    atomic_write_text(path, json.dumps(payload, indent=2))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train-seconds", type=float, default=180.0)
@@ -305,11 +301,11 @@ def main() -> None:
         result = {"machine": machine_info(), "oracle": {"mu": MU, "s": S, "shape": ORACLE_SHAPE}}
         result["oracle"]["rows"] = oracle_rows("linear") + oracle_rows("cosine")
         result["spacing_study"] = spacing_study()
-        write_atomically(RESULTS, result)
+        atomic_write_text(RESULTS, json.dumps(result, indent=2))
     if not args.skip_quality:
         result["quality"] = quality_rows(args.train_seconds)
     result["machine"]["loadavg_end"] = os.getloadavg()
-    write_atomically(RESULTS, result)
+    atomic_write_text(RESULTS, json.dumps(result, indent=2))
     log.info("wrote %s", RESULTS)
 
 

@@ -28,6 +28,7 @@ import httpx
 import numpy as np
 import torch
 
+from diffusion_core.atomic_io import atomic_write_text
 from diffusion_core.checkpoint import DataSpec, LoadedModel, ModelSpec, load_checkpoint, save_checkpoint
 from diffusion_core.objective import ObjectiveConfig
 from diffusion_core.schedule import ScheduleConfig
@@ -181,10 +182,7 @@ def main() -> None:
         "direct_images_per_s": direct, "served": served, "summary": summarize(served, direct),
         "machine": machine_info(), "loadavg_before": loadavg_before, "loadavg_after": os.getloadavg(),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(result, indent=2) + "\n")
-    tmp_out.replace(args.out)
+    atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
     logger.info("summary: %s -> %s", result["summary"], args.out)
 
 

@@ -34,6 +34,7 @@ import torch
 from benchmarks.train_quality import DigitJudge
 from diffusion_core.adapters.ray_data import decode_batch
 from diffusion_core.adapters.ray_train import run_training
+from diffusion_core.atomic_io import atomic_write_text
 from diffusion_core.checkpoint import load_checkpoint
 from diffusion_core.data.config import PrepareConfig
 from diffusion_core.data.prepare import prepare
@@ -160,8 +161,7 @@ def main() -> None:
             seconds = out["ray_1_worker_default"]["train_seconds"]
             out["diffusers_baseline"] = diffusers_baseline(default, dataset, seconds, judge)
     out["machine_after"] = machine_info()
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(out, indent=2) + "\n")
+    atomic_write_text(RESULTS, json.dumps(out, indent=2) + "\n")
     logger.info("wrote %s", RESULTS)
 
 

@@ -42,6 +42,7 @@ def main() -> None:
     import ray
 
     from diffusion_core.adapters.ray_train import run_training
+    from diffusion_core.atomic_io import atomic_write_text
     from diffusion_core.data.config import PrepareConfig
     from diffusion_core.data.prepare import prepare
     from diffusion_core.training import TrainConfig
@@ -70,8 +71,7 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
                     "cuda": torch.version.cuda, "loadavg": os.getloadavg()},
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(out, indent=2) + "\n")
+    atomic_write_text(RESULTS, json.dumps(out, indent=2) + "\n")
     logger.info("wrote %s: %s images/s", RESULTS, out["images_per_s"])
 
 

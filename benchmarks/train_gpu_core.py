@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffusion_core.atomic_io import atomic_write_text
 from diffusion_core.checkpoint import DataSpec, ModelSpec, load_checkpoint, save_checkpoint
 from diffusion_core.training import TrainConfig, build_train_state, train_step
 from diffusion_core.unet import UNetConfig, count_parameters
@@ -141,8 +142,7 @@ def main() -> None:
             torch.equal(a.cpu(), b) for a, b in zip(loaded.model.state_dict().values(),
                                                     cpu.model.state_dict().values(), strict=True))
     torch.distributed.destroy_process_group()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    atomic_write_text(args.out, json.dumps(results, indent=2) + "\n")
     sys.stdout.write(json.dumps(results, indent=2) + "\n")
 
 

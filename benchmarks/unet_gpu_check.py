@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from diffusion_core.atomic_io import atomic_write_text
 from diffusion_core.checkpoint import DataSpec, ModelSpec, load_checkpoint, save_checkpoint
 from diffusion_core.ema import EMA
 from diffusion_core.objective import ObjectiveConfig
@@ -128,8 +129,7 @@ def main() -> None:
         logger.info("%s: %s", name, entry)
     report["checkpoint"] = checkpoint_round_trip()
     logger.info("checkpoint: %s", report["checkpoint"])
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
+    atomic_write_text(args.out, json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

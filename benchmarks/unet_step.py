@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from diffusion_core.atomic_io import atomic_write_text
 from diffusion_core.unet import UNet, UNetConfig, count_parameters
 
 logger = logging.getLogger("benchmarks.unet_step")
@@ -76,9 +77,8 @@ def main() -> None:
                          "config": cfg.model_dump(mode="json")}
         logger.info("%-22s %9d params  %.3f s/step at batch %d", name, results[name]["params"], seconds,
                     args.batch)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
     payload = {"batch": args.batch, "steps": args.steps, "machine": machine_info(), "results": results}
-    RESULTS.write_text(json.dumps(payload, indent=2))
+    atomic_write_text(RESULTS, json.dumps(payload, indent=2))
     logger.info("wrote %s", RESULTS)
 
 
