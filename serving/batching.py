@@ -122,20 +122,22 @@ class RunCoalescer(Generic[Item, Result]):
     starves), and answers them all. What piles up during one run goes into the next one together.
     """
 
-    def __init__(self) -> None:
-        self._waiting: deque[tuple[Item, int, asyncio.Future]] = deque()
+    def __init__(self, weight: Callable[[Item], int]) -> None:
+        """`weight(item)` is what an item counts towards a run's `max_weight` (its images)."""
+        self._weight = weight
+        self._waiting: deque[tuple[Item, asyncio.Future]] = deque()
         self._model = asyncio.Lock()
 
-    async def run(self, items: Sequence[Item], weights: Sequence[int], max_weight: int,
+    async def run(self, items: Sequence[Item], max_weight: int,
                   sample: Callable[[list[Item]], Awaitable[list[Result]]]) -> list[Result]:
         """The results of `items` (in order), computed by `sample` together with whatever else waits.
 
-        `weights[i]` is what item i counts towards `max_weight` (its images). An exception raised by
-        `sample` is raised for every item of that run, here or in the batch that submitted it.
+        An exception raised by `sample` is raised for every item of that run, here or in the batch
+        that submitted it.
         """
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in items]
-        self._waiting.extend(zip(items, weights, futures, strict=True))
+        self._waiting.extend(zip(items, futures, strict=True))
         while not all(f.done() for f in futures):
             async with self._model:
                 taken = self._take(max_weight)
@@ -143,20 +145,20 @@ class RunCoalescer(Generic[Item, Result]):
                     await self._sample(taken, sample)
         return [f.result() for f in futures]
 
-    def _take(self, max_weight: int) -> list[tuple[Item, int, asyncio.Future]]:
+    def _take(self, max_weight: int) -> list[tuple[Item, asyncio.Future]]:
         taken, weight = [], 0
-        while self._waiting and (not taken or weight + self._waiting[0][1] <= max_weight):
-            item = self._waiting.popleft()
-            taken.append(item)
-            weight += item[1]
+        while self._waiting and (not taken or weight + self._weight(self._waiting[0][0]) <= max_weight):
+            entry = self._waiting.popleft()
+            taken.append(entry)
+            weight += self._weight(entry[0])
         return taken
 
     @staticmethod
-    async def _sample(taken: list[tuple[Item, int, asyncio.Future]],
+    async def _sample(taken: list[tuple[Item, asyncio.Future]],
                       sample: Callable[[list[Item]], Awaitable[list[Result]]]) -> None:
-        futures = [future for _, _, future in taken]
+        futures = [future for _, future in taken]
         try:
-            results = await sample([item for item, _, _ in taken])
+            results = await sample([item for item, _ in taken])
             for future, result in zip(futures, results, strict=True):
                 if not future.done():
                     future.set_result(result)

@@ -25,6 +25,7 @@ import math
 import shutil
 import time
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any
 
 import numpy as np
@@ -188,7 +189,7 @@ class DiffusionModel:
         self._last_load_error: str | None = None
         self._failed_selection: ModelSelection | None = None  # what the failed load was asked for
         self._swap_lock = asyncio.Lock()
-        self._runs: RunCoalescer[_Pending, JobOutcome] = RunCoalescer()
+        self._runs: RunCoalescer[_Pending, JobOutcome] = RunCoalescer(weight=attrgetter("weight"))
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         config = ModelDeploymentConfig.model_validate(user_config)
@@ -236,8 +237,7 @@ class DiffusionModel:
                  batch_wait_timeout_s=settings_default("batch_wait_timeout_s"), batch_size_fn=batch_weight,
                  max_concurrent_batches=MAX_WAITING_BATCHES)
     async def _generate_batch(self, pending: list[_Pending]) -> list[JobOutcome]:
-        return await self._runs.run(pending, [p.weight for p in pending], self._config.max_images_per_batch,
-                                    self._sample)
+        return await self._runs.run(pending, self._config.max_images_per_batch, self._sample)
 
     async def _sample(self, pending: list[_Pending]) -> list[JobOutcome]:
         """One sampling turn for `pending` (possibly from several Serve batches)."""

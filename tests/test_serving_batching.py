@@ -119,9 +119,8 @@ def test_batches_closed_during_a_run_share_the_next_run() -> None:
     """Serve's closed batches ([a], then [b], [c, d] while a samples) become runs [a], [b, c, d]."""
 
     async def scenario() -> tuple[list, list]:
-        coalescer, sampler = RunCoalescer(), GatedSampler()
-        submit = lambda items: asyncio.create_task(  # noqa: E731
-            coalescer.run(items, [1] * len(items), 32, sampler))
+        coalescer, sampler = RunCoalescer(weight=lambda _: 1), GatedSampler()
+        submit = lambda items: asyncio.create_task(coalescer.run(items, 32, sampler))  # noqa: E731
         first = submit(["a"])
         await _settle()
         later = [submit(["b"]), submit(["c", "d"])]
@@ -137,11 +136,12 @@ def test_batches_closed_during_a_run_share_the_next_run() -> None:
 
 def test_runs_respect_the_weight_limit_oldest_first() -> None:
     async def scenario() -> list:
-        coalescer, sampler = RunCoalescer(), GatedSampler()
-        tasks = [asyncio.create_task(coalescer.run(["big"], [20], 32, sampler))]
+        weights = {"big": 20, "x": 10, "y": 10, "z": 20, "w": 1}
+        coalescer, sampler = RunCoalescer(weight=weights.__getitem__), GatedSampler()
+        tasks = [asyncio.create_task(coalescer.run(["big"], 32, sampler))]
         await _settle()
-        for name, weight in (("x", 10), ("y", 10), ("z", 20), ("w", 1)):
-            tasks.append(asyncio.create_task(coalescer.run([name], [weight], 32, sampler)))
+        for name in ("x", "y", "z", "w"):
+            tasks.append(asyncio.create_task(coalescer.run([name], 32, sampler)))
         await _settle()
         sampler.gate.set()
         await asyncio.gather(*tasks)
@@ -153,13 +153,13 @@ def test_runs_respect_the_weight_limit_oldest_first() -> None:
 
 def test_a_failed_run_fails_its_items_and_the_next_run_still_happens() -> None:
     async def scenario() -> tuple[list, object, object]:
-        coalescer, sampler = RunCoalescer(), GatedSampler()
-        first = asyncio.create_task(coalescer.run(["a"], [1], 32, sampler))
+        coalescer, sampler = RunCoalescer(weight=lambda _: 1), GatedSampler()
+        first = asyncio.create_task(coalescer.run(["a"], 32, sampler))
         await _settle()
         sampler.fail_next = True
         sampler.gate.set()
         failed = await asyncio.gather(first, return_exceptions=True)
-        ok = await coalescer.run(["b"], [1], 32, sampler)
+        ok = await coalescer.run(["b"], 32, sampler)
         return sampler.runs, failed[0], ok
 
     runs, failed, ok = asyncio.run(scenario())
@@ -169,10 +169,10 @@ def test_a_failed_run_fails_its_items_and_the_next_run_still_happens() -> None:
 
 def test_cancelling_the_batch_that_runs_does_not_strand_the_others() -> None:
     async def scenario() -> object:
-        coalescer, sampler = RunCoalescer(), GatedSampler()
-        runner = asyncio.create_task(coalescer.run(["a"], [1], 32, sampler))
+        coalescer, sampler = RunCoalescer(weight=lambda _: 1), GatedSampler()
+        runner = asyncio.create_task(coalescer.run(["a"], 32, sampler))
         await _settle()
-        waiting = asyncio.create_task(coalescer.run(["b"], [1], 32, sampler))
+        waiting = asyncio.create_task(coalescer.run(["b"], 32, sampler))
         await _settle()
         runner.cancel()  # while it holds the model; "b" then runs in its own turn
         await _settle()
