@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat
 from torch import Tensor
 
 from diffusion_core.images import MODEL_VALUE_RANGE, to_unit_range
@@ -61,7 +61,7 @@ class EvalConfig(BaseModel):
     steps: int = Field(20, ge=1)
     seed: int = Field(0, ge=0, description="sample i uses seed + i")
     guidance_scale: float = Field(1.0, ge=0.0)
-    clip_x0: float | Literal["auto", "dynamic"] | None = Field(
+    clip_x0: PositiveFloat | Literal["auto", "dynamic"] | None = Field(
         "auto", description="x0 clipping while sampling: auto (the model's data range, "
         "checkpoint.data_range_clip), a positive float, dynamic, or null (none)")
     class_conditional: bool = Field(

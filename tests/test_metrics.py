@@ -272,3 +272,15 @@ def test_inception_fid_without_weights_file_says_what_to_do(tmp_path: Path) -> N
     assert "inception-2015-12-05.pt" in err.value.hint
     with pytest.raises(ConfigError, match="does not exist"):
         load_inception(tmp_path / "missing.pt")
+
+
+@pytest.mark.parametrize("value", [0, -1.0, "static"])
+def test_eval_config_refuses_a_bad_clip_before_any_work(tmp_path, value) -> None:
+    from flows.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text(f"evaluate:\n  clip_x0: {value}\n")
+    with pytest.raises(ConfigError, match=r"evaluate\.clip_x0"):
+        load_config(EvalConfig, "evaluate", path, environ={})
+    path.write_text("evaluate:\n  clip_x0: 1.5\n")
+    assert load_config(EvalConfig, "evaluate", path, environ={}).clip_x0 == 1.5
