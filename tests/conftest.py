@@ -96,22 +96,12 @@ def _shutdown_serve_quietly() -> None:
 
 @pytest.fixture(autouse=True)
 def _restore_mlflow_uris() -> Iterator[None]:
-    """Put MLflow's process-wide tracking and registry URIs (module globals *and* the env vars its
-    setters export) back after every test. A registry URI left behind by one test silently sends a
-    later test's `MlflowClient(tracking_uri=...)` to a stale (deleted) store."""
-    from mlflow.tracking._model_registry import utils as registry_utils
-    from mlflow.tracking._tracking_service import utils as tracking_utils
+    """MLflow's process-wide tracking and registry URIs are put back after every test: one left
+    behind by a test silently sends a later test's clients to a stale (deleted) store."""
+    from diffusion_core.adapters.mlflow_registry import preserved_mlflow_uris
 
-    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
-    saved = (tracking_utils._tracking_uri, registry_utils._registry_uri)
-    saved_env = {name: os.environ.get(name) for name in names}
-    yield
-    tracking_utils._tracking_uri, registry_utils._registry_uri = saved
-    for name, value in saved_env.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+    with preserved_mlflow_uris():
+        yield
 
 
 @dataclass(frozen=True)

@@ -220,20 +220,16 @@ def _client(tracking_uri: str | None) -> MlflowClient:
 
 
 @contextlib.contextmanager
-def _fluent_uri(tracking_uri: str | None) -> Iterator[None]:
-    """Point MLflow's fluent API (needed by log_model) and its registry at `tracking_uri`, then put
-    back exactly what was there: both module-level URIs and the MLFLOW_TRACKING_URI /
-    MLFLOW_REGISTRY_URI environment variables that MLflow's setters also write."""
-    if tracking_uri is None:
-        yield
-        return
+def preserved_mlflow_uris() -> Iterator[None]:
+    """On exit, put back MLflow's process-wide tracking and registry URIs exactly as they were: both
+    module-level values and the MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI environment variables that
+    MLflow's setters also write. A registry URI left behind silently sends a later
+    `MlflowClient(tracking_uri=...)` without a registry_uri to that other store."""
     from mlflow.tracking._model_registry import utils as registry_utils
     from mlflow.tracking._tracking_service import utils as tracking_utils
 
     saved = (tracking_utils._tracking_uri, registry_utils._registry_uri)
     saved_env = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    mlflow.set_tracking_uri(tracking_uri)
-    registry_utils._registry_uri = tracking_uri
     try:
         yield
     finally:
@@ -244,6 +240,21 @@ def _fluent_uri(tracking_uri: str | None) -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+@contextlib.contextmanager
+def _fluent_uri(tracking_uri: str | None) -> Iterator[None]:
+    """Point MLflow's fluent API (needed by log_model) and its registry at `tracking_uri` for the
+    duration, then put back what was there (`preserved_mlflow_uris`)."""
+    if tracking_uri is None:
+        yield
+        return
+    from mlflow.tracking._model_registry import utils as registry_utils
+
+    with preserved_mlflow_uris():
+        mlflow.set_tracking_uri(tracking_uri)
+        registry_utils._registry_uri = tracking_uri
+        yield
 
 
 def _info(mv: ModelVersion) -> ModelVersionInfo:
