@@ -13,9 +13,9 @@ from diffusion_core.checkpoint import DataSpec, LoadedModel, ModelSpec, load_che
 from diffusion_core.ema import EMA
 from diffusion_core.errors import CheckpointError, ConfigError, DatasetError, DiffusionPipelineError
 from diffusion_core.forward import q_posterior, q_sample, q_step
-from diffusion_core.guidance import NULL_LABEL
 from diffusion_core.objective import ObjectiveConfig, convert_prediction, training_loss
 from diffusion_core.samplers import SAMPLERS, sample
+from diffusion_core.sampling_defaults import NULL_LABEL
 from diffusion_core.schedule import NoiseSchedule, ScheduleConfig
 from diffusion_core.unet import UNet, UNetConfig
 

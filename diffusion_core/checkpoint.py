@@ -34,6 +34,7 @@ from diffusion_core.errors import CheckpointError, ConfigError, describe_validat
 from diffusion_core.images import MODEL_VALUE_RANGE, to_unit_range
 from diffusion_core.objective import ObjectiveConfig
 from diffusion_core.samplers import ClipX0, sample
+from diffusion_core.sampling_defaults import DEFAULT_SAMPLER, DEFAULT_STEPS
 from diffusion_core.schedule import NoiseSchedule, ScheduleConfig
 from diffusion_core.unet import UNet, UNetConfig
 
@@ -223,8 +224,8 @@ class LoadedModel:
     def generate(
         self,
         num_images: int,
-        steps: int = 20,
-        sampler: str = "dpmpp_2m",
+        steps: int = DEFAULT_STEPS,
+        sampler: str = DEFAULT_SAMPLER,
         seeds: Sequence[int] | None = None,
         labels: Sequence[int] | Tensor | None = None,
         guidance_scale: float = 1.0,
@@ -274,7 +275,7 @@ def load_checkpoint(
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"directory: {directory} is not a checkpoint directory (does not exist)")
-    spec = _read_spec(directory)
+    spec = read_spec(directory)
     weights_file, weights = _choose_weights(directory, use_ema)
     model = UNet(spec.unet)
     state = _read_weights(weights_file)
@@ -285,10 +286,11 @@ def load_checkpoint(
     return LoadedModel(model, spec, weights)
 
 
-def _read_spec(directory: Path) -> ModelSpec:
-    path = directory / SPEC_FILE
+def read_spec(directory: str | Path) -> ModelSpec:
+    """The validated spec.json of a checkpoint directory; CheckpointError when it is missing or bad."""
+    path = Path(directory) / SPEC_FILE
     if not path.is_file():
-        raise CheckpointError(f"{SPEC_FILE}: missing from {directory}")
+        raise CheckpointError(f"{SPEC_FILE}: missing from {directory}; not a checkpoint")
     return spec_from_json(path.read_bytes())
 
 

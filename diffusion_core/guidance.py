@@ -11,16 +11,12 @@ applies unchanged to v- or x_0-predicting models.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
 from diffusion_core.errors import ConfigError
-
-NULL_LABEL = -1  # "no class": the UNet maps it to its null class embedding
-
-ModelFn = Callable[[Tensor, Tensor, Tensor | None], Tensor]
+from diffusion_core.objective import ModelFn
+from diffusion_core.sampling_defaults import NULL_LABEL
 
 
 def check_guidance_scale(guidance_scale: float) -> None:

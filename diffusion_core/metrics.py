@@ -42,6 +42,7 @@ from diffusion_core.metrics_stats import (
     normalised_entropy,
     precision_recall,
 )
+from diffusion_core.sampling_defaults import DEFAULT_SAMPLER, DEFAULT_STEPS, SamplerName
 
 if TYPE_CHECKING:
     from diffusion_core.checkpoint import LoadedModel
@@ -57,8 +58,8 @@ class EvalConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     num_samples: int = Field(500, ge=8, description="images generated per evaluation")
-    sampler: str = Field("dpmpp_2m", description="a name in diffusion_core.samplers.SAMPLERS")
-    steps: int = Field(20, ge=1)
+    sampler: SamplerName = DEFAULT_SAMPLER
+    steps: int = Field(DEFAULT_STEPS, ge=1)
     seed: int = Field(0, ge=0, description="sample i uses seed + i")
     guidance_scale: float = Field(1.0, ge=0.0)
     clip_x0: PositiveFloat | Literal["auto", "dynamic"] | None = Field(

@@ -49,15 +49,21 @@ from torch import Tensor
 
 from diffusion_core.errors import ConfigError
 from diffusion_core.forward import q_posterior
-from diffusion_core.guidance import ModelFn, cfg_model_fn
-from diffusion_core.objective import to_x0_and_eps
+from diffusion_core.guidance import cfg_model_fn
+from diffusion_core.objective import ModelFn, to_x0_and_eps
+from diffusion_core.sampling_defaults import (
+    DEFAULT_SAMPLER,
+    DEFAULT_STEPS,
+    ETA_SAMPLERS,
+    MAX_SEED,
+    SAMPLER_NAMES,
+)
 from diffusion_core.schedule import NoiseSchedule
 
 log = logging.getLogger(__name__)
 
 LAMBDA_MIN = -5.1  # lowest half log-SNR an epsilon-prediction sampler starts from (see module doc)
 LAMBDA_SKIP = -2.5  # where the "logsnr_skip" grid's evenly spaced part begins (log_snr_skip_timesteps)
-MAX_SEED = 2**63 - 1
 DYNAMIC_THRESHOLD_PERCENTILE = 0.995  # Saharia et al. 2022 (Imagen), sec. 2.3
 KARRAS_RHO = 7.0  # Karras et al. 2022, eq. 5
 
@@ -333,6 +339,9 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "ddim": SamplerSpec(sample_ddim, spacing="quadratic", uses_eta=True),
     "dpmpp_2m": SamplerSpec(sample_dpmpp_2m, spacing="logsnr_skip", uses_eta=False),
 }
+# The torch-free vocabulary (sampling_defaults) must name exactly these samplers.
+assert set(SAMPLERS) == set(SAMPLER_NAMES), (sorted(SAMPLERS), SAMPLER_NAMES)
+assert {n for n, s in SAMPLERS.items() if s.uses_eta} == set(ETA_SAMPLERS)
 
 
 def get_sampler(name: str) -> SamplerSpec:
@@ -402,8 +411,8 @@ def sample(
     model_fn: ModelFn,
     shape: Sequence[int],
     schedule: NoiseSchedule,
-    sampler: str = "dpmpp_2m",
-    steps: int = 20,
+    sampler: str = DEFAULT_SAMPLER,
+    steps: int = DEFAULT_STEPS,
     seeds: Sequence[int] | None = None,
     labels: Tensor | Sequence[int] | None = None,
     guidance_scale: float = 1.0,

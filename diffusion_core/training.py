@@ -55,9 +55,9 @@ from diffusion_core.checkpoint import (
 )
 from diffusion_core.ema import EMA, unwrap_model
 from diffusion_core.errors import CheckpointError, ConfigError, DiffusionPipelineError
-from diffusion_core.guidance import NULL_LABEL
 from diffusion_core.objective import ObjectiveConfig, training_loss
 from diffusion_core.samplers import get_sampler, sampling_timesteps
+from diffusion_core.sampling_defaults import DEFAULT_SAMPLER, DEFAULT_STEPS, NULL_LABEL, SamplerName
 from diffusion_core.schedule import NoiseSchedule, ScheduleConfig
 from diffusion_core.unet import UNet, UNetConfig
 
@@ -138,8 +138,8 @@ class TrainConfig(BaseModel):
     log_every: int = Field(50, ge=1)
     sample_every: int | None = Field(400, ge=1, description="sample grids every N steps and at the end")
     num_sample_images: int = Field(64, ge=1)
-    sampler: str = "dpmpp_2m"
-    sample_steps: int = Field(20, ge=1)
+    sampler: SamplerName = DEFAULT_SAMPLER
+    sample_steps: int = Field(DEFAULT_STEPS, ge=1)
     max_consecutive_nonfinite: int = Field(5, ge=1)
     warm_start: str | None = Field(None, description="diffusion_core checkpoint to start the weights from")
     fault_injection: FaultInjection | None = None

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from diffusion_core.errors import ConfigError
-from diffusion_core.guidance import NULL_LABEL
+from diffusion_core.sampling_defaults import NULL_LABEL
 
 # GroupNorm uses at most this many groups and at least this many channels per group.
 _MAX_GROUPS = 32

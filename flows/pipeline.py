@@ -33,6 +33,7 @@ from diffusion_core.adapters.mlflow_registry import (
     RegistryError,
     download_checkpoint,
     list_versions,
+    numeric_tags,
     resolve_version,
 )
 from diffusion_core.adapters.ray_train import TrainResult
@@ -402,7 +403,7 @@ def retrain(config: PipelineConfig | None = None) -> PipelineResult:
 def _unchanged_result(dataset: PrepareResult, version: ModelVersionInfo, is_champion: bool) -> PipelineResult:
     # The version's recorded evaluation: version tags named like EvalResult.as_metrics() keys.
     names = {f"eval_{field}" for field in EvalResult.model_fields}
-    metrics = {k: float(v) for k, v in version.tags.items() if k in names and _is_float(v)}
+    metrics = {k: v for k, v in numeric_tags(version.tags).items() if k in names}
     return PipelineResult(
         dataset_uri=dataset.uri, dataset_fingerprint=dataset.manifest.fingerprint,
         dataset_reused=dataset.reused, trained=False, training_run_id=None, checkpoint_path=None,
@@ -423,14 +424,6 @@ def _trained_result(config: PipelineConfig, dataset: PrepareResult, trained: Tra
         decision=decision.action if decision else "not gated",
         metrics=outcome.evaluation.as_metrics(),
     )
-
-
-def _is_float(value: str) -> bool:
-    try:
-        float(value)
-    except ValueError:
-        return False
-    return True
 
 
 def _should_deploy(config: PipelineConfig, result: PipelineResult) -> bool:

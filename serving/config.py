@@ -15,15 +15,15 @@ Where each knob lives:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from diffusion_core.sampling_defaults import DEFAULT_SAMPLER, DEFAULT_STEPS, SamplerName
 
 SERVE_CONFIG_PATH = Path(__file__).with_name("serve_config.yaml")
 MODEL_DEPLOYMENT = "DiffusionModel"
 INGRESS_DEPLOYMENT = "GenerationIngress"
-SAMPLER_NAMES = ("dpmpp_2m", "ddim", "ddpm")
-Sampler = Literal["dpmpp_2m", "ddim", "ddpm"]
 
 
 class ModelSelection(BaseModel):
@@ -85,8 +85,8 @@ class ServeSettings(BaseModel):
     max_images_per_request: int = Field(64, ge=1)
     max_steps: int = Field(200, ge=1)
     max_work: int = Field(64 * 50, ge=1, description="cap on num_images * steps per request")
-    default_steps: int = Field(20, ge=1)
-    default_sampler: Sampler = "dpmpp_2m"
+    default_steps: int = Field(DEFAULT_STEPS, ge=1)
+    default_sampler: SamplerName = DEFAULT_SAMPLER
     # Batching and back-pressure.
     max_images_per_batch: int = Field(32, ge=1)
     batch_wait_timeout_s: float = Field(

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ import ray
 import torch
 from ray import serve
 
+from diffusion_core.adapters.mlflow_registry import numeric_tags
 from diffusion_core.checkpoint import LoadedModel, load_checkpoint
 from diffusion_core.errors import ConfigError
 from serving.batching import (
@@ -101,19 +101,6 @@ def batch_weight(pending: list[_Pending]) -> int:
     """`@serve.batch`'s batch_size_fn: the images of a batch, a request counting at most
     max_images_per_batch (Serve refuses a single item heavier than max_batch_size)."""
     return sum(p.weight for p in pending)
-
-
-def numeric_tags(tags: dict[str, str]) -> dict[str, float]:
-    """Tags whose values are finite numbers (log_and_register stores evaluation metrics as tags)."""
-    metrics = {}
-    for key, value in tags.items():
-        try:
-            number = float(value)
-        except ValueError:
-            continue
-        if math.isfinite(number):
-            metrics[key] = number
-    return metrics
 
 
 def _describe(selection: ModelSelection, version: str | None, source: str, tags: dict[str, str],

@@ -10,9 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from serving.config import ModelSelection, Sampler
-
-MAX_SEED = 2**63 - 1
+from diffusion_core.sampling_defaults import SamplerName
+from serving.config import ModelSelection
 
 
 class GenerateRequest(BaseModel):
@@ -23,7 +22,7 @@ class GenerateRequest(BaseModel):
 
     num_images: int = Field(1, description="images to generate (1..max_images_per_request)")
     steps: int | None = Field(None, description="sampler steps (1..max_steps); null -> server default")
-    sampler: Sampler | None = Field(None, description="dpmpp_2m, ddim or ddpm; null -> server default")
+    sampler: SamplerName | None = Field(None, description="dpmpp_2m, ddim or ddpm; null -> server default")
     guidance_scale: float = Field(1.0, ge=0.0, le=50.0, allow_inf_nan=False,
                                   description="classifier-free guidance w (1 = no guidance)")
     eta: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False, description="DDIM stochasticity")

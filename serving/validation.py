@@ -9,8 +9,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from diffusion_core.samplers import SAMPLERS
+from diffusion_core.sampling_defaults import MAX_SEED
 from serving.config import ServeSettings
-from serving.schemas import MAX_SEED, GenerateRequest
+from serving.schemas import GenerateRequest
 
 
 def effective_steps(request: GenerateRequest, settings: ServeSettings) -> int:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from diffusion_core.errors import ConfigError
-from diffusion_core.guidance import NULL_LABEL, guided_model_call
+from diffusion_core.guidance import guided_model_call
 from diffusion_core.objective import from_x0_and_eps
 from diffusion_core.samplers import (
     SAMPLERS,
@@ -20,6 +20,7 @@ from diffusion_core.samplers import (
     sample,
     sampling_timesteps,
 )
+from diffusion_core.sampling_defaults import NULL_LABEL
 from diffusion_core.schedule import NoiseSchedule
 from diffusion_core.unet import UNet, UNetConfig
 

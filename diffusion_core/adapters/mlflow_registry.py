@@ -36,6 +36,7 @@ import hashlib
 import importlib.metadata
 import json
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -56,8 +57,9 @@ from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema, TensorS
 from pydantic import BaseModel, ConfigDict, Field
 
 from diffusion_core.adapters.mlflow_tracking import default_artifact_location
-from diffusion_core.checkpoint import SPEC_FILE, ModelSpec, spec_from_json
+from diffusion_core.checkpoint import ModelSpec, read_spec
 from diffusion_core.errors import CheckpointError, ConfigError, DiffusionPipelineError
+from diffusion_core.sampling_defaults import DEFAULT_SAMPLER, DEFAULT_STEPS
 
 logger = logging.getLogger(__name__)
 
@@ -257,6 +259,19 @@ def _fluent_uri(tracking_uri: str | None) -> Iterator[None]:
         yield
 
 
+def numeric_tags(tags: Mapping[str, str]) -> dict[str, float]:
+    """The tags whose values are finite numbers (log_and_register stores evaluation metrics as tags)."""
+    metrics = {}
+    for key, value in tags.items():
+        try:
+            number = float(value)
+        except ValueError:
+            continue
+        if math.isfinite(number):
+            metrics[key] = number
+    return metrics
+
+
 def _info(mv: ModelVersion) -> ModelVersionInfo:
     return ModelVersionInfo(name=mv.name, version=str(mv.version), aliases=list(mv.aliases or []),
                             tags=dict(mv.tags or {}), run_id=mv.run_id)
@@ -280,13 +295,6 @@ def current_git_commit() -> str:
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-def _read_spec(checkpoint_dir: Path) -> ModelSpec:
-    path = checkpoint_dir / SPEC_FILE
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint_dir: {checkpoint_dir} has no {SPEC_FILE}; not a checkpoint")
-    return spec_from_json(path.read_bytes())
 
 
 def pip_requirements() -> list[str]:
@@ -313,7 +321,8 @@ def model_signature(spec: ModelSpec) -> ModelSignature:
     as params (their defaults here are the model's defaults)."""
     inputs = Schema([ColSpec("long", "seed"), ColSpec("long", "label", required=False)])
     shape = (-1, spec.data.channels, spec.data.image_size, spec.data.image_size)
-    params = ParamSchema([ParamSpec("steps", "long", 20), ParamSpec("sampler", "string", "dpmpp_2m"),
+    params = ParamSchema([ParamSpec("steps", "long", DEFAULT_STEPS),
+                          ParamSpec("sampler", "string", DEFAULT_SAMPLER),
                           ParamSpec("guidance_scale", "double", 1.0)])
     return ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(np.dtype("float32"), shape)]),
                           params=params)
@@ -402,7 +411,7 @@ def log_and_register(
     (overriding the defaults: dataset_fingerprint from spec.json, training_run_id, git_commit).
     """
     checkpoint_dir = Path(checkpoint_dir)
-    spec = _read_spec(checkpoint_dir)
+    spec = read_spec(checkpoint_dir)
     client = _client(tracking_uri)
     with _fluent_uri(tracking_uri), _run(client, run_id, experiment_name) as active_run_id:
         model_uri, model_id = _log_pyfunc(checkpoint_dir, spec, device)
@@ -461,7 +470,7 @@ def download_checkpoint(model_uri: str, dst: Path | None = None, tracking_uri: s
         with _fluent_uri(tracking_uri):
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(staging)))
         checkpoint = local / _checkpoint_artifact_path(local)
-        _read_spec(checkpoint)  # fail here, not at load time, if it is not a checkpoint
+        read_spec(checkpoint)  # fail here, not at load time, if it is not a checkpoint
         target = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix="diffusion-checkpoint-"))
         if dst is None:
             target.rmdir()

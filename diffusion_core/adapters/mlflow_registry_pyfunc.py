@@ -11,7 +11,7 @@ Request format (one row per image; result[i] depends only on row i and the param
             params={"steps": 20, "sampler": "dpmpp_2m", "guidance_scale": 2.0})
     -> float32 array (N, C, H, W) in [0, 1]
 
-`label` is optional; -1 (guidance.NULL_LABEL) means unconditional.
+`label` is optional; -1 (sampling_defaults.NULL_LABEL) means unconditional.
 `mlflow_registry.generation_frame(num_images, seed, labels)` builds the frame. This file is only
 ever executed by MLflow, never imported by the library.
 """
@@ -26,7 +26,7 @@ import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 from diffusion_core.errors import ConfigError
-from diffusion_core.guidance import NULL_LABEL
+from diffusion_core.sampling_defaults import NULL_LABEL
 
 
 class DiffusionSampler(PythonModel):
