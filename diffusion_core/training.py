@@ -90,35 +90,17 @@ class FaultInjection(BaseModel):
     rank: int = Field(0, ge=0)
 
 
-class TrainConfig(BaseModel):
-    """Everything a training run needs; saved with every checkpoint and logged as MLflow params.
+class TrainRecipe(BaseModel):
+    """What the trained model is: the optimisation, the network, its noise schedule and objective,
+    the seed, and the sample grids recorded with it. With the dataset's fingerprint these fields are
+    the identity of a training run (`TrainConfig.recipe`); two runs that agree on them produce the
+    same model wherever and however they run.
 
-    `batch_size` is global (all workers together) and must be divisible by `num_workers`.
-    `precision="auto"` means bf16 autocast on GPU and fp32 on CPU. Each worker runs torch with
-    floor(cpus_per_worker) threads; leave at least one CPU of the cluster free for Ray Data's reads.
-
-    The defaults train the digits model (UNetConfig.digits_default) to recognisable, class-balanced
-    samples in about four minutes on one worker of a 2-core CPU (benchmarks/results/train.json).
+    `batch_size` is global (all workers together). `precision="auto"` means bf16 autocast on GPU and
+    fp32 on CPU.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-
-    dataset: str = Field(description="prepared dataset directory or URI (manifest.json + train/*.parquet)")
-    run_name: str | None = Field(None, pattern=RUN_NAME_PATTERN,
-                                description="Ray Train run name ([A-Za-z0-9_.-]+); reusing a name resumes")
-    storage_path: str = Field("ray_results", description="checkpoint root: local path or URI")
-    experiment_name: str = "diffusion"
-    tracking_uri: str | None = Field(None, description="MLflow tracking URI; None = MLflow's default")
-    artifact_location: str | None = Field(None, description="artifact root of a new MLflow experiment")
-    ray_address: str | None = None
-
-    num_workers: int = Field(1, ge=1)
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0)
-    gpus_per_worker: float = Field(1.0, gt=0)
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    max_failures: int = Field(1, ge=-1)
-    num_to_keep: int | None = Field(2, ge=1)
 
     steps: int = Field(800, ge=1)
     batch_size: int = Field(128, ge=1)
@@ -131,29 +113,17 @@ class TrainConfig(BaseModel):
     ema_decay: float = Field(0.999, ge=0, lt=1)
     label_dropout: float = Field(0.1, ge=0, le=1)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    compile: bool = False
     seed: int = 0
-
-    checkpoint_every: int = Field(400, ge=1)
-    log_every: int = Field(50, ge=1)
-    sample_every: int | None = Field(400, ge=1, description="sample grids every N steps and at the end")
-    num_sample_images: int = Field(64, ge=1)
     sampler: SamplerName = DEFAULT_SAMPLER
     sample_steps: int = Field(DEFAULT_STEPS, ge=1)
     max_consecutive_nonfinite: int = Field(5, ge=1)
-    warm_start: str | None = Field(None, description="diffusion_core checkpoint to start the weights from")
-    fault_injection: FaultInjection | None = None
 
     unet: UNetConfig = Field(default_factory=UNetConfig.digits_default)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
 
     @model_validator(mode="after")
-    def _check_batch_split(self) -> Self:
-        if self.batch_size % self.num_workers:
-            raise ConfigError(
-                f"batch_size: {self.batch_size} is not divisible by num_workers={self.num_workers}"
-            )
+    def _check_warmup(self) -> Self:
         if self.warmup_steps >= self.steps:
             raise ConfigError(
                 f"warmup_steps: {self.warmup_steps} must be below steps={self.steps} (the learning rate "
@@ -177,15 +147,82 @@ class TrainConfig(BaseModel):
             raise ConfigError(f"sample_steps: {str(err).removeprefix('steps: ')}") from err
         return self
 
-    @property
-    def per_worker_batch_size(self) -> int:
-        return self.batch_size // self.num_workers
-
     def autocast_dtype(self, device_type: str) -> torch.dtype | None:
         """bf16 for precision="bf16" (or "auto" on CUDA); None means full fp32."""
         if self.precision == "bf16" or (self.precision == "auto" and device_type == "cuda"):
             return torch.bfloat16
         return None
+
+
+class TrainPlacement(BaseModel):
+    """Where and how the run executes: the Ray cluster, the workers and their resources, failure
+    handling and execution-only switches. None of these changes what the model learns.
+
+    Each worker runs torch with floor(cpus_per_worker) threads; leave at least one CPU of the
+    cluster free for Ray Data's reads.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    ray_address: str | None = None
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(1.0, gt=0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    max_failures: int = Field(1, ge=-1)
+    compile: bool = False
+    fault_injection: FaultInjection | None = None
+
+
+class TrainTracking(BaseModel):
+    """Where the run records what it does: checkpoints, the MLflow experiment, and how often it
+    logs, samples and checkpoints."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    storage_path: str = Field("ray_results", description="checkpoint root: local path or URI")
+    num_to_keep: int | None = Field(2, ge=1)
+    checkpoint_every: int = Field(400, ge=1)
+    experiment_name: str = "diffusion"
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI; None = MLflow's default")
+    artifact_location: str | None = Field(None, description="artifact root of a new MLflow experiment")
+    log_every: int = Field(50, ge=1)
+    sample_every: int | None = Field(400, ge=1, description="sample grids every N steps and at the end")
+    num_sample_images: int = Field(64, ge=1)
+
+
+class TrainConfig(TrainRecipe, TrainPlacement, TrainTracking):
+    """Everything a training run needs, as one flat set of fields (the config file's `train:`
+    section, the CLI flags, MLflow params, train_config.json): the recipe (what the model learns),
+    the placement (where and how it runs), the tracking, and this run's inputs (dataset, run name,
+    warm start). Saved with every checkpoint.
+
+    The defaults train the digits model (UNetConfig.digits_default) to recognisable, class-balanced
+    samples in about four minutes on one worker of a 2-core CPU (benchmarks/results/train.json).
+    """
+
+    dataset: str = Field(description="prepared dataset directory or URI (manifest.json + train/*.parquet)")
+    run_name: str | None = Field(None, pattern=RUN_NAME_PATTERN,
+                                description="Ray Train run name ([A-Za-z0-9_.-]+); reusing a name resumes")
+    warm_start: str | None = Field(None, description="diffusion_core checkpoint to start the weights from")
+
+    @model_validator(mode="after")
+    def _check_batch_split(self) -> Self:
+        if self.batch_size % self.num_workers:
+            raise ConfigError(
+                f"batch_size: {self.batch_size} is not divisible by num_workers={self.num_workers}"
+            )
+        return self
+
+    @property
+    def recipe(self) -> TrainRecipe:
+        """This run's recipe alone (already validated as part of this config)."""
+        return TrainRecipe.model_construct(**{name: getattr(self, name) for name in TrainRecipe.model_fields})
+
+    @property
+    def per_worker_batch_size(self) -> int:
+        return self.batch_size // self.num_workers
 
 
 class TrainingDivergedError(DiffusionPipelineError):

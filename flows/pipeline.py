@@ -56,14 +56,6 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 TRAIN_KEY_TAG = "pipeline.train_key"
-# TrainConfig fields that say where or how a run executes, not what it learns: they do not change
-# the training key, so moving the same job to a cluster does not force a retrain.
-_PLACEMENT_FIELDS = frozenset({
-    "dataset", "run_name", "storage_path", "experiment_name", "tracking_uri", "artifact_location",
-    "ray_address", "num_workers", "use_gpu", "cpus_per_worker", "gpus_per_worker",
-    "placement_strategy", "max_failures", "num_to_keep", "checkpoint_every", "log_every",
-    "sample_every", "num_sample_images", "warm_start", "fault_injection", "compile",
-})
 
 
 # TrainConfig fields that the pipeline derives (the dataset it prepared, a run name from the
@@ -260,9 +252,10 @@ def unet_fields_for(dataset: DatasetManifest, given: dict[str, Any]) -> dict[str
 
 
 def training_key(dataset_fingerprint: str, train: TrainConfig) -> str:
-    """Identity of what a training run learns: the data's fingerprint plus every config field that
-    changes the weights (placement fields excluded). Equal keys mean retraining would redo work."""
-    learned = train.model_dump(mode="json", exclude=set(_PLACEMENT_FIELDS))
+    """Identity of what a training run learns: the data's fingerprint plus the config's recipe
+    (TrainConfig.recipe; placement and tracking are not part of it). Equal keys mean retraining
+    would redo work."""
+    learned = train.recipe.model_dump(mode="json")
     blob = json.dumps({"dataset": dataset_fingerprint, "train": learned}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 

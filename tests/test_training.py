@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from diffusion_core.checkpoint import DataSpec, ModelSpec, load_checkpoint
+from diffusion_core.data.manifest import DatasetManifest
 from diffusion_core.errors import CheckpointError, ConfigError
 from diffusion_core.guidance import NULL_LABEL
 from diffusion_core.objective import ObjectiveConfig
@@ -18,6 +19,9 @@ from diffusion_core.training import (
     Stream,
     TrainConfig,
     TrainingDivergedError,
+    TrainPlacement,
+    TrainRecipe,
+    TrainTracking,
     batch_rows,
     build_train_state,
     derived_seed,
@@ -129,6 +133,47 @@ def test_environment_fills_tracking_uri_and_ray_address() -> None:
     env = {"MLFLOW_TRACKING_URI": "http://127.0.0.1:1", "RAY_ADDRESS": "ray://h:10001"}
     config = load_config(TrainConfig, "train", overrides={"dataset": "d"}, environ=env)
     assert (config.tracking_uri, config.ray_address) == ("http://127.0.0.1:1", "ray://h:10001")
+
+
+def test_flat_train_section_fills_recipe_placement_and_tracking(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("train: {steps: 5000, batch_size: 256, num_workers: 2, tracking_uri: 'sqlite:///m.db'}\n")
+    config = load_config(TrainConfig, "train", path, overrides={"dataset": "d", "unet.base_channels": 16})
+    recipe = config.recipe
+    assert (recipe.steps, recipe.batch_size, recipe.unet.base_channels) == (5000, 256, 16)
+    assert (config.num_workers, config.per_worker_batch_size, config.tracking_uri) == (2, 128, "sqlite:///m.db")
+    assert not {"num_workers", "tracking_uri"} & set(recipe.model_dump())
+
+
+def test_every_field_has_one_group_and_only_the_recipe_defines_the_model() -> None:
+    groups = [set(group.model_fields) for group in (TrainRecipe, TrainPlacement, TrainTracking)]
+    inputs = {"dataset", "run_name", "warm_start"}  # this run's inputs (the key has the data's fingerprint)
+    assert sum(map(len, groups)) + len(inputs) == len(TrainConfig.model_fields)
+    assert set().union(*groups, inputs) == set(TrainConfig.model_fields)
+    base = tiny_config()
+    moved = tiny_config(num_workers=2, ray_address="ray://h:1", storage_path="s3://b/r", tracking_uri="x://",
+                        log_every=1, sample_every=None, compile=True, max_failures=3, run_name="other",
+                        dataset="elsewhere", warm_start="/ckpt")
+    assert moved.recipe == base.recipe
+    assert tiny_config(lr=1e-4).recipe != base.recipe and tiny_config(seed=1).recipe != base.recipe
+
+
+def test_training_key_of_registered_versions_is_stable() -> None:
+    """Registered versions carry their training key as a tag; the pipeline skips retraining when it
+    finds the same key, so the key of a given config must not change. Both values are the keys of
+    these configs as registered versions carry them."""
+    from flows.pipeline import PipelineConfig, training_key
+
+    digits = DatasetManifest.model_construct(**{**dict.fromkeys(DatasetManifest.model_fields),
+                                                "image_size": 8, "channels": 1,
+                                                "label_names": [str(i) for i in range(10)]})
+    rgb = DatasetManifest.model_construct(**{**dict.fromkeys(DatasetManifest.model_fields),
+                                             "image_size": 32, "channels": 3, "label_names": None})
+    default = PipelineConfig().train_config(digits, "/data/a", "run-a", None)
+    assert training_key("fp", default) == "609935ac01133eadf28ec5979684100d8703c0ea7e94055a440d55d2af774a61"
+    tuned = PipelineConfig(train={"lr": 1e-4, "precision": "bf16", "compile": True})
+    assert training_key("fp", tuned.train_config(rgb, "/data/a", "run-a", None)) == (
+        "8a68af0a69464df7cc581104f6a4f0c87414f8d722c9192c79a81ce9678bf307")
 
 
 def test_non_finite_loss_skips_the_step_and_a_streak_stops_training() -> None:
