@@ -91,6 +91,14 @@ def test_cli_bad_parameter_names_the_field(tmp_path: Path, capsys: pytest.Captur
     assert not (tmp_path / "ds").exists()
 
 
+def test_cli_debug_given_before_the_subcommand_shows_the_exception(tmp_path: Path) -> None:
+    from diffusion_core.errors import ConfigError
+    from flows.cli import main
+
+    with pytest.raises(ConfigError, match=r"prepare\.channels"):
+        main(["--debug", "prepare", "digits", str(tmp_path / "ds"), "--channels", "2"])
+
+
 @pytest.mark.slow
 def test_cli_flow_force_rebuilds_an_up_to_date_dataset(prefect_harness, tmp_path: Path) -> None:
     import json
