@@ -47,8 +47,8 @@ class RetrainSchedule(BaseModel):
         try:
             ZoneInfo(value)
         except (ZoneInfoNotFoundError, ValueError):
-            raise ConfigError(f"schedule.timezone: {value!r} is not an IANA time zone "
-                              "(e.g. 'UTC', 'Europe/Paris')") from None
+            raise ConfigError("schedule.timezone: not an IANA time zone name; accepted: e.g. 'UTC', "
+                              "'Europe/Paris'") from None
         return value
 
     @field_validator("cron")
@@ -59,10 +59,10 @@ class RetrainSchedule(BaseModel):
         try:
             CronSchedule(cron=value)
         except ValueError:
-            raise ConfigError(f"schedule.cron: {value!r} is not a five-field cron expression "
-                              f"(minute hour day-of-month month day-of-week, e.g. '0 3 * * *')") from None
+            raise ConfigError("schedule.cron: not a cron expression; accepted: five fields (minute hour "
+                              "day-of-month month day-of-week), e.g. '0 3 * * *'") from None
         if len(value.split()) != 5:
-            raise ConfigError(f"schedule.cron: {value!r} must have five fields (got {len(value.split())})")
+            raise ConfigError(f"schedule.cron: has {len(value.split())} fields; accepted: five")
         return value
 
 
@@ -76,10 +76,10 @@ def deployment_parameters(config: Any) -> dict[str, Any]:
     if config is None:
         return {}
     parameters = config.model_dump(mode="json", exclude_defaults=True)
-    for field in _fields_with_credentials(parameters):
+    if fields := _fields_with_credentials(parameters):
         raise ConfigError(
-            f"{field}: carries credentials, which a deployment would store and show; accepted: a URI "
-            "without them, with the credentials in the environment of the runs "
+            f"{', '.join(fields)}: carries credentials, which a deployment would store and show; "
+            "accepted: a URI without them, with the credentials in the environment of the runs "
             "(e.g. MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)")
     return {"config": parameters}
 

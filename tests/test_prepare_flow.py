@@ -1,4 +1,4 @@
-"""The Prefect flow (cache, artifacts) and the `diffusion-pipeline prepare` command."""
+"""The Prefect flow (reuse while up to date, artifacts) and the `diffusion-pipeline prepare` command."""
 
 from __future__ import annotations
 
