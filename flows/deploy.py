@@ -6,9 +6,10 @@
       -> not running and start_if_not_running: start the app (serve_config.yaml + settings)
       -> not running otherwise: nothing to do ("not_running")
 
-Ray: connects to `ray_address` (None: RAY_ADDRESS, else a running local cluster, else a new local Ray,
-which lives only as long as this process). On Kubernetes the RayService owns the Serve config: change
-the DiffusionModel user_config in its serveConfigV2 instead.
+Ray: `connect_ray(ray_address)`: the cluster at `ray_address` or RAY_ADDRESS, else a new local Ray that
+lives as long as this process (the `run` command connects first and stops it when it is done). On
+Kubernetes the RayService owns the Serve config: change the DiffusionModel user_config in its
+serveConfigV2 instead.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict
 
+from diffusion_core.adapters.ray_cluster import connect_ray
 from diffusion_core.errors import ConfigError
 from serving.config import MODEL_DEPLOYMENT, SERVE_CONFIG_PATH, ModelSelection, ServeSettings
 from serving.schemas import ModelInfo
@@ -39,13 +41,6 @@ class DeployResult(BaseModel):
     version: str
     alias: str | None
     url: str
-
-
-def _connect_ray(ray_address: str | None) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=ray_address, configure_logging=False)
 
 
 def _selection(model_name: str, alias: str | None, version: str | None,
@@ -83,7 +78,7 @@ def deploy_model(
 
     settings = settings or ServeSettings()
     selection = _selection(model_name, alias, version, settings)
-    _connect_ray(ray_address)
+    connect_ray(ray_address)  # a Ray started here lives until this process exits, with its app
     result = {"app_name": settings.app_name, "model_name": model_name, "version": selection.version,
               "alias": alias, "url": settings.url}
     if settings.app_name in control.running_app_names():

@@ -5,15 +5,15 @@
     classifier as an artifact)  ->  promotion gate against `champion` (the champion is
     re-evaluated with the same data, sample count and seed unless its recorded number matches)
 
-The lead's pipeline calls `evaluate_and_register(checkpoint_dir, dataset_uri, eval_config,
-registry_config)` and gets back the version and the gate's decision.
+`evaluate_and_register(checkpoint_dir, dataset_uri, eval_config, registry_config)` returns the
+evaluation, the registered version and the gate's decision (`EvaluateOutcome`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from prefect import flow, task
@@ -25,7 +25,6 @@ from diffusion_core.adapters.mlflow_registry import (
     ModelVersionInfo,
     PromotionDecision,
     RegistryConfig,
-    download_checkpoint,
     log_and_register,
     log_directory,
     promote_if_better,
@@ -40,6 +39,7 @@ from diffusion_core.metrics import (
     reference_from_dataset,
 )
 from diffusion_core.metrics_features import FeatureExtractor
+from flows.checkpoints import registry_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -99,14 +99,11 @@ def register_version(checkpoint_dir: Path, evaluation: EvalResult, eval_config: 
 
 
 def champion_reevaluator(reference: ReferenceData, extractor: FeatureExtractor, config: EvalConfig,
-                         registry: RegistryConfig):
+                         registry: RegistryConfig) -> Callable[[str], float]:
     """reevaluate(model_uri) -> fd: download a registered version and evaluate it like the candidate."""
     def reevaluate(model_uri: str) -> float:
-        directory = download_checkpoint(model_uri, tracking_uri=registry.tracking_uri)
-        try:
+        with registry_checkpoint(model_uri, registry.tracking_uri) as directory:
             return evaluate_checkpoint.fn(directory, reference, extractor, config).fd
-        finally:
-            shutil.rmtree(directory, ignore_errors=True)
     return reevaluate
 
 

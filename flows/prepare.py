@@ -1,29 +1,30 @@
-"""Prefect flow `prepare_dataset`: source -> versioned Parquet dataset, with caching and artifacts.
+"""Prefect flow `prepare_dataset`: source -> versioned Parquet dataset, with retries and artifacts.
 
-    fingerprint the source (cheap)  ->  write the dataset (cached on source fingerprint + config)
-    ->  publish a summary table and a grid of examples as artifacts  ->  return uri + manifest
+    prepare (skipped when the published manifest already has this source's fingerprint and these
+    parameters, unless forced)  ->  summary table and a grid of examples as artifacts
+    ->  return uri + manifest
 
-The cache only skips work whose output is still there: a cache hit whose dataset has since been
-removed or replaced is recomputed.
+Whether the dataset is up to date is decided in one place, `diffusion_core.data.prepare.prepare`,
+which reads the published manifest: a dataset that was removed or replaced is rebuilt, and no
+Prefect cache can return a result whose files are gone.
 """
 
 from __future__ import annotations
 
 import base64
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import INPUTS
+from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
 from diffusion_core.data.config import PrepareConfig
-from diffusion_core.data.manifest import read_manifest
 from diffusion_core.data.prepare import PrepareResult, prepare, summary_rows
 from diffusion_core.data.readers import read_examples
-from diffusion_core.data.sources import open_source
 from diffusion_core.errors import DiffusionPipelineError
 from diffusion_core.images import encode_png, make_grid
+from diffusion_core.redact import redact_uri
 
 EXAMPLE_COUNT = 64
 
@@ -39,28 +40,15 @@ def _retry_unless_user_error(task: object, task_run: TaskRun, state: State) -> b
     return True
 
 
-@task(retries=2, retry_delay_seconds=2, retry_condition_fn=_retry_unless_user_error)
-def fingerprint_source(config: PrepareConfig) -> str:
-    """Cheap identity of the source: content hash (digits, NumPy, Parquet) or file list + sizes + mtimes."""
-    return open_source(config.source, config.parameters()).fingerprint()
-
-
-@task(
-    cache_policy=INPUTS,
-    result_serializer="json",
-    retries=2,
-    retry_delay_seconds=2,
-    retry_condition_fn=_retry_unless_user_error,
-)
-def write_dataset(config: PrepareConfig, source_fingerprint: str) -> PrepareResult:
-    """Prepare the dataset; cached on (config, source fingerprint)."""
-    return prepare(config)
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=_retry_unless_user_error)
+def write_dataset(config: PrepareConfig, force: bool) -> PrepareResult:
+    """Prepare the dataset unless its manifest says it is up to date (or `force`)."""
+    return prepare(config, force=force)
 
 
 @task
-def publish_artifacts(result: PrepareResult, cache_hit: bool) -> None:
-    rows = summary_rows(result)
-    rows.insert(0, {"item": "prefect cache", "value": "hit" if cache_hit else "miss"})
+def publish_artifacts(result: PrepareResult) -> None:
+    rows = [{**row, "value": redact_uri(row["value"])} for row in summary_rows(result)]
     create_table_artifact(rows, key="dataset-summary", description="Prepared dataset summary")
     grid = make_grid(read_examples(result.uri, EXAMPLE_COUNT), nrow=8)
     png = base64.b64encode(encode_png(grid)).decode()
@@ -72,24 +60,10 @@ def publish_artifacts(result: PrepareResult, cache_hit: bool) -> None:
     )
 
 
-def _still_published(result: PrepareResult) -> bool:
-    try:
-        return read_manifest(result.uri).fingerprint == result.manifest.fingerprint
-    except DiffusionPipelineError:
-        return False
-
-
 @flow(name="prepare-dataset")
-def prepare_dataset(config: PrepareConfig) -> PrepareResult:
-    """Prepare `config.source` into `config.output`; returns the dataset URI and manifest."""
-    source_fingerprint = fingerprint_source(config)
-    state = write_dataset(config, source_fingerprint, return_state=True)
-    result = state.result()
-    cache_hit = state.name == "Cached"
-    if cache_hit and not _still_published(result):
-        get_run_logger().info("cached dataset at %s is gone or replaced; preparing it again", result.uri)
-        result = write_dataset.with_options(refresh_cache=True)(config, source_fingerprint)
-        cache_hit = False
-    publish_artifacts(result, cache_hit)
-    # A cache hit means the identical dataset is already published: report it as reused.
-    return result.model_copy(update={"reused": True}) if cache_hit else result
+def prepare_dataset(config: PrepareConfig, force: bool = False) -> PrepareResult:
+    """Prepare `config.source` into `config.output` (rebuilt even when up to date with `force`);
+    returns the dataset URI and manifest, `reused` when the published dataset was kept."""
+    result = write_dataset(config, force)
+    publish_artifacts(result)
+    return result

@@ -5,6 +5,10 @@
 - A work-pool deployment in `prefect.yaml` (`prefect deploy --name retrain-nightly`, then
   `prefect worker start --pool diffusion-pool`); `prefect_yaml_entry` renders that entry, and a
   test keeps the committed file equal to it.
+
+Both run one retrain at a time (a deployment concurrency limit of 1; a run triggered while another
+is running waits for it): two runs would write the same dataset, checkpoints and registry aliases.
+Deployment parameters are stored and shown by Prefect, so they never carry credentials.
 """
 
 from __future__ import annotations
@@ -14,8 +18,14 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from diffusion_core.errors import ConfigError
+from diffusion_core.redact import has_credentials
 
 ENTRYPOINT = "flows/pipeline.py:retrain"
+DESCRIPTION = "Scheduled retraining: prepare -> train -> evaluate/register -> deploy"
+# At most one retrain at a time; a run that finds the slot taken waits (ENQUEUE) rather than
+# being cancelled, so a manual trigger during the nightly run is not lost.
+CONCURRENCY_LIMIT = 1
+COLLISION_STRATEGY = "ENQUEUE"
 
 
 class RetrainSchedule(BaseModel):
@@ -37,8 +47,8 @@ class RetrainSchedule(BaseModel):
         try:
             ZoneInfo(value)
         except (ZoneInfoNotFoundError, ValueError):
-            raise ConfigError(f"schedule.timezone: {value!r} is not an IANA time zone "
-                              "(e.g. 'UTC', 'Europe/Paris')") from None
+            raise ConfigError("schedule.timezone: not an IANA time zone name; accepted: e.g. 'UTC', "
+                              "'Europe/Paris'") from None
         return value
 
     @field_validator("cron")
@@ -49,10 +59,10 @@ class RetrainSchedule(BaseModel):
         try:
             CronSchedule(cron=value)
         except ValueError:
-            raise ConfigError(f"schedule.cron: {value!r} is not a five-field cron expression "
-                              f"(minute hour day-of-month month day-of-week, e.g. '0 3 * * *')") from None
+            raise ConfigError("schedule.cron: not a cron expression; accepted: five fields (minute hour "
+                              "day-of-month month day-of-week), e.g. '0 3 * * *'") from None
         if len(value.split()) != 5:
-            raise ConfigError(f"schedule.cron: {value!r} must have five fields (got {len(value.split())})")
+            raise ConfigError(f"schedule.cron: has {len(value.split())} fields; accepted: five")
         return value
 
 
@@ -65,11 +75,29 @@ def deployment_parameters(config: Any) -> dict[str, Any]:
     """
     if config is None:
         return {}
-    return {"config": config.model_dump(mode="json", exclude_defaults=True)}
+    parameters = config.model_dump(mode="json", exclude_defaults=True)
+    if fields := _fields_with_credentials(parameters):
+        raise ConfigError(
+            f"{', '.join(fields)}: carries credentials, which a deployment would store and show; "
+            "accepted: a URI without them, with the credentials in the environment of the runs "
+            "(e.g. MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)")
+    return {"config": parameters}
+
+
+def _fields_with_credentials(data: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the string values in `data` (nested) that embed credentials."""
+    found: list[str] = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            found += _fields_with_credentials(value, f"{prefix}{key}.")
+        elif isinstance(value, str) and has_credentials(value):
+            found.append(f"{prefix}{key}")
+    return found
 
 
 def runner_deployment(schedule: RetrainSchedule, config: Any):  # -> prefect RunnerDeployment
     """The `flow.serve` form of the deployment: retrain with `config` on `schedule.cron`."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig
     from prefect.client.schemas.schedules import CronSchedule
 
     from flows.pipeline import retrain
@@ -79,7 +107,9 @@ def runner_deployment(schedule: RetrainSchedule, config: Any):  # -> prefect Run
         schedules=[CronSchedule(cron=schedule.cron, timezone=schedule.timezone)],
         parameters=deployment_parameters(config),
         tags=list(schedule.tags),
-        description="Scheduled retraining: prepare -> train -> evaluate/register -> deploy",
+        description=DESCRIPTION,
+        concurrency_limit=ConcurrencyLimitConfig(limit=CONCURRENCY_LIMIT,
+                                                 collision_strategy=COLLISION_STRATEGY),
     )
 
 
@@ -95,9 +125,10 @@ def prefect_yaml_entry(schedule: RetrainSchedule, config: Any) -> dict[str, Any]
     return {
         "name": schedule.deployment_name,
         "entrypoint": ENTRYPOINT,
-        "description": "Scheduled retraining: prepare -> train -> evaluate/register -> deploy",
+        "description": DESCRIPTION,
         "tags": list(schedule.tags),
         "parameters": deployment_parameters(config),
+        "concurrency_limit": {"limit": CONCURRENCY_LIMIT, "collision_strategy": COLLISION_STRATEGY},
         "work_pool": {"name": schedule.work_pool, "work_queue_name": "default", "job_variables": {}},
         "schedules": [{"cron": schedule.cron, "timezone": schedule.timezone, "active": True}],
     }

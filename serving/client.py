@@ -26,7 +26,7 @@ class GenerationError(DiffusionPipelineError):
     """The server refused or failed a request; `status_code` is the HTTP status."""
 
     def __init__(self, message: str, status_code: int) -> None:
-        hint = {401: "pass the API key (--api-key or the key's environment variable)",
+        hint = {401: "pass the API key (--api-key-file, or the env var named by serve.api_key_env)",
                 503: "the server is overloaded or still loading its model; retry later"}.get(status_code)
         super().__init__(message, hint=hint)
         self.status_code = status_code

@@ -9,7 +9,7 @@ import pytest
 from diffusion_core.data.manifest import DatasetManifest
 from diffusion_core.errors import ConfigError
 from flows.config import build_config
-from flows.pipeline import PipelineConfig, load_pipeline_config, training_key, unet_fields_for
+from flows.pipeline_config import PipelineConfig, load_pipeline_config, training_key, unet_fields_for
 
 FILE = """
 pipeline:

@@ -17,7 +17,8 @@ from conftest import free_port
 
 from diffusion_core.checkpoint import load_checkpoint
 from diffusion_core.data.manifest import read_manifest
-from flows.pipeline import TRAIN_KEY_TAG, PipelineConfig, PipelineResult, retrain
+from flows.pipeline import TRAIN_KEY_TAG, PipelineResult, retrain
+from flows.pipeline_config import PipelineConfig
 from flows.schedule import RetrainSchedule, runner_deployment
 
 pytestmark = pytest.mark.slow

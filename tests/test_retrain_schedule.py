@@ -9,7 +9,7 @@ import yaml
 
 from diffusion_core.errors import ConfigError
 from flows.config import build_config
-from flows.pipeline import PipelineConfig
+from flows.pipeline_config import PipelineConfig
 from flows.schedule import (
     ENTRYPOINT,
     RetrainSchedule,
@@ -57,3 +57,33 @@ def test_runner_deployment_carries_schedule_and_parameters() -> None:
     assert schedule.schedule.cron == "15 4 * * 1" and schedule.schedule.timezone == "Europe/Paris"
     assert deployment.parameters == deployment_parameters(config)
     assert PipelineConfig.model_validate(deployment.parameters["config"]) == config
+
+
+def test_retrain_deployment_runs_one_at_a_time() -> None:
+    (entry,) = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
+    assert entry["concurrency_limit"] == {"limit": 1, "collision_strategy": "ENQUEUE"}
+    served = runner_deployment(RetrainSchedule(), None)
+    assert served.concurrency_limit == 1
+    assert served.concurrency_options.collision_strategy.value == "ENQUEUE"
+
+
+@pytest.mark.slow
+def test_a_second_retrain_run_waits_for_the_first(prefect_harness) -> None:
+    """Prefect's server, not the flow, holds the second run back: two writers never share a dataset."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.responses import SetStateStatus
+    from prefect.states import Pending
+
+    deployment = runner_deployment(RetrainSchedule(deployment_name="one-at-a-time"), None)
+
+    async def two_runs():
+        deployment_id = await deployment.aapply()
+        async with get_client() as client:
+            runs = [await client.create_flow_run_from_deployment(deployment_id) for _ in range(2)]
+            return [await client.set_flow_run_state(run.id, Pending()) for run in runs]
+
+    first, second = asyncio.run(two_runs())
+    assert first.status == SetStateStatus.ACCEPT
+    assert second.status != SetStateStatus.ACCEPT and second.state.name == "AwaitingConcurrencySlot"

@@ -244,9 +244,10 @@ def test_client_and_generate_cli_write_pngs_and_a_grid(server: str, tmp_path: Pa
     with GenerationClient(server) as anonymous, pytest.raises(GenerationError) as err:
         anonymous.generate(1)
     assert err.value.status_code == 401
+    (tmp_path / "api-key").write_text(API_KEY)
     with pytest.raises(SystemExit) as done:  # main() exits with the command's status
         main(["generate", "--url", server, "-n", "5", "--seed", "0", "--out", str(tmp_path),
-              "--api-key", API_KEY, "--nrow", "4"])
+              "--api-key-file", str(tmp_path / "api-key"), "--nrow", "4"])
     assert done.value.code == 0
     pngs = sorted(p.name for p in tmp_path.glob("image_*.png"))
     assert pngs == [f"image_{i:03d}_seed{i}.png" for i in range(5)]

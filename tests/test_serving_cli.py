@@ -34,8 +34,7 @@ def test_build_app_args_errors_name_the_field():
 def test_serve_settings_layer_serve_config_args_then_config_file_then_env_then_flags(tmp_path, monkeypatch):
     import yaml
 
-    from flows.cli import GlobalOptions
-    from flows.cli.serve import load_serve_settings
+    from flows.cli.context import CliContext
     from serving import control
 
     serve_config = control.load_serve_config()
@@ -47,9 +46,8 @@ def test_serve_settings_layer_serve_config_args_then_config_file_then_env_then_f
     serve_path.write_text(yaml.safe_dump(serve_config))
     pipeline = tmp_path / "pipeline.yaml"
     pipeline.write_text("serve:\n  max_steps: 88\n  tracking_uri: http://file:2\n")
-    monkeypatch.setattr(GlobalOptions, "config", pipeline)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:3")
-    settings, base = load_serve_settings(serve_path, {"port": 9001, "host": None})
+    settings, base = CliContext(config=pipeline).serve_settings(serve_path, {"port": 9001, "host": None})
     assert (settings.app_name, settings.route_prefix, settings.default_steps) == ("from-yaml", "/yaml", 7)
     assert settings.max_steps == 88 and settings.tracking_uri == "http://env:3" and settings.port == 9001
     assert base["applications"][0]["args"]["max_steps"] == 77
@@ -59,12 +57,10 @@ def test_serve_settings_layer_serve_config_args_then_config_file_then_env_then_f
 
 
 def test_packaged_serve_config_leaves_the_tracking_uri_to_mlflow(monkeypatch):
-    from flows.cli import GlobalOptions
-    from flows.cli.serve import load_serve_settings
+    from flows.cli.context import CliContext
 
-    monkeypatch.setattr(GlobalOptions, "config", None)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    settings, _ = load_serve_settings()
+    settings, _ = CliContext().serve_settings()
     assert settings.tracking_uri is None and settings.max_images_per_batch == 32
 
 

@@ -40,6 +40,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from torch import Tensor
 
+from diffusion_core.adapters.ray_cluster import connect_ray, stop_ray
 from diffusion_core.checkpoint import DataSpec, LoadedModel, ModelSpec
 from diffusion_core.data.manifest import DatasetManifest, read_manifest
 from diffusion_core.errors import CheckpointError, ConfigError
@@ -88,7 +89,7 @@ def run_training(config: TrainConfig, tags: dict[str, str] | None = None) -> Tra
     spec = model_spec_for(config, manifest)
     run_name = config.run_name or default_run_name()
     storage_path = resolve_storage_path(config.storage_path)
-    started_ray = _ensure_ray(config.ray_address)
+    connection = connect_ray(config.ray_address)
     try:
         check_cluster_resources(config)
         run_id = mlflow_tracking.start_or_resume_run(config, run_name, storage_path, manifest, tags)
@@ -106,8 +107,7 @@ def run_training(config: TrainConfig, tags: dict[str, str] | None = None) -> Tra
             raise
         return _finish(config, run_id, run_name, result)
     finally:
-        if started_ray:
-            ray.shutdown()
+        stop_ray(connection)
 
 
 def default_run_name() -> str:
@@ -230,14 +230,6 @@ def check_cluster_resources(config: TrainConfig) -> None:
             "to read the dataset",
             hint="lower cpus_per_worker or num_workers, or add CPUs to the cluster",
         )
-
-
-def _ensure_ray(address: str | None) -> bool:
-    """Connect to `address` (or start a local Ray) unless connected; True when this call started it."""
-    if ray.is_initialized():
-        return False
-    ray.init(address=address, configure_logging=False)
-    return True
 
 
 # --- worker ------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """`diffusion-pipeline`: one console script, one subcommand module per stage.
 
-Each module in `SUBCOMMANDS` defines `register(app: typer.Typer) -> None`. Errors that users can
-act on (`DiffusionPipelineError`) print as one line plus a hint; `--debug` shows the traceback.
+Each module in `SUBCOMMANDS` defines `register(app: typer.Typer) -> None`; the options given before
+the subcommand reach every command as typer's `ctx.obj` (`flows.cli.context.CliContext`). Errors that
+users can act on (`DiffusionPipelineError`) print as one line plus a hint; `--debug` shows the
+traceback.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 import typer
 
 from diffusion_core.errors import DiffusionPipelineError
+from flows.cli.context import CliContext, cli_context
 from flows.config import CONFIG_ENV
 
 SUBCOMMANDS = (
@@ -30,15 +33,9 @@ app = typer.Typer(
 )
 
 
-class GlobalOptions:
-    """Options shared by every subcommand (set by the app callback)."""
-
-    config: Path | None = None
-    debug: bool = False
-
-
 @app.callback()
 def _global(
+    ctx: typer.Context,
     config: Path | None = typer.Option(
         None, "--config", "-c", help="YAML or TOML file with one section per stage "
         "(prepare, train, evaluate, registry, serve, pipeline, schedule); give it before the "
@@ -47,8 +44,8 @@ def _global(
     ),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks and debug logs."),
 ) -> None:
-    GlobalOptions.config = config
-    GlobalOptions.debug = debug
+    context = cli_context(ctx)
+    context.config, context.debug = config, debug
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -66,10 +63,11 @@ _register_all()
 def main(argv: list[str] | None = None) -> None:
     from typer._click.exceptions import ClickException  # typer 0.29 vendors its click
 
+    context = CliContext()  # filled by the app callback; read here to decide on tracebacks
     try:
-        code = app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False, obj=context)
     except DiffusionPipelineError as err:
-        if GlobalOptions.debug:
+        if context.debug:
             raise
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         if err.hint:
@@ -84,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Abort:
         sys.exit(1)
     except Exception as err:  # the CLI's last line of defence
-        if GlobalOptions.debug:
+        if context.debug:
             raise
         typer.secho(f"error: {type(err).__name__}: {err}", fg=typer.colors.RED, err=True)
         typer.secho("hint: rerun with --debug for the full traceback", err=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import shutil
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import typer
@@ -12,11 +12,11 @@ from rich.table import Table
 
 from diffusion_core.atomic_io import atomic_write_text
 from diffusion_core.metrics import EvalConfig, EvalResult
+from flows.cli.context import CliContext, cli_context, help_with_default
 
 
 def _help(field: str, text: str) -> str:
-    """Help text quoting the model's default, so the default lives only in EvalConfig."""
-    return f"{text} (default {EvalConfig.model_fields[field].default})"
+    return help_with_default(EvalConfig, field, text)
 
 
 def register(app: typer.Typer) -> None:
@@ -25,18 +25,13 @@ def register(app: typer.Typer) -> None:
 
 def eval_overrides(num_samples: int | None, steps: int | None, sampler: str | None, seed: int | None,
                    guidance_scale: float | None) -> dict[str, object]:
+    """The evaluation flags shared by `evaluate` and `register`, as EvalConfig overrides."""
     return {"num_samples": num_samples, "steps": steps, "sampler": sampler, "seed": seed,
             "guidance_scale": guidance_scale}
 
 
-def load_eval_config(overrides: dict[str, object]) -> EvalConfig:
-    from flows.cli import GlobalOptions
-    from flows.config import load_config
-
-    return load_config(EvalConfig, "evaluate", GlobalOptions.config, overrides=overrides)
-
-
 def evaluate_command(
+    ctx: typer.Context,
     checkpoint: str = typer.Argument(..., help="Checkpoint directory, or models:/<name>@<alias> / "
                                      "models:/<name>/<version> (downloaded from the registry)."),
     dataset: str = typer.Argument(..., help="Prepared dataset (local path or URI)."),
@@ -51,27 +46,24 @@ def evaluate_command(
     from diffusion_core.checkpoint import load_checkpoint
     from diffusion_core.metrics import evaluate_model, reference_from_dataset
 
-    config = load_eval_config(eval_overrides(num_samples, steps, sampler, seed, guidance_scale))
-    directory = local_checkpoint(checkpoint)
-    try:
+    context = cli_context(ctx)
+    config = context.eval_config(eval_overrides(num_samples, steps, sampler, seed, guidance_scale))
+    with _checkpoint_directory(checkpoint, context) as directory:
         loaded = load_checkpoint(directory, use_ema=config.use_ema, device=config.device)
-    finally:  # the weights are in memory now; a registry download is ours to delete
-        if directory != Path(checkpoint):
-            shutil.rmtree(directory, ignore_errors=True)
     result = evaluate_model(loaded, reference_from_dataset(dataset), config)
     print_result(result)
     if output is not None:
         atomic_write_text(output, json.dumps(result.model_dump(mode="json"), indent=2) + "\n")
 
 
-def local_checkpoint(checkpoint: str) -> Path:
-    """A local checkpoint directory: the path itself, or a registry model downloaded to a temp dir."""
+def _checkpoint_directory(checkpoint: str, context: CliContext) -> AbstractContextManager[Path]:
+    """The checkpoint as a local directory: the user's own path (never deleted), or a registry
+    version downloaded for as long as it takes to load it."""
     if not checkpoint.startswith("models:/"):
-        return Path(checkpoint)
-    from diffusion_core.adapters.mlflow_registry import download_checkpoint
-    from flows.cli.register import load_registry_config
+        return nullcontext(Path(checkpoint))
+    from flows.checkpoints import registry_checkpoint
 
-    return download_checkpoint(checkpoint, tracking_uri=load_registry_config({}).tracking_uri)
+    return registry_checkpoint(checkpoint, context.registry_config().tracking_uri)
 
 
 def print_result(result: EvalResult) -> None:

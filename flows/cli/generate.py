@@ -1,5 +1,10 @@
 """`diffusion-pipeline generate --url URL -n 16 --out DIR`: ask a running server for images and
-write them as PNGs (image_<i>_seed<seed>.png) plus grid.png."""
+write them as PNGs (image_<i>_seed<seed>.png) plus grid.png.
+
+The API key is a secret, so it never travels on the command line (where `ps` and shell history
+show it): it is read from `--api-key-file`, else from the environment variable named by the
+config's `serve.api_key_env`.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ from pathlib import Path
 
 import typer
 
+from flows.cli.context import cli_context
 from serving.config import SERVE_CONFIG_PATH
 
 
@@ -22,10 +28,26 @@ def parse_labels(text: str | None) -> list[int] | None:
     try:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise typer.BadParameter(f"labels: expected comma-separated integers, got {text!r}") from None
+        raise typer.BadParameter("labels: expected comma-separated integers") from None
+
+
+def read_api_key(key_file: Path | None, env_var: str | None) -> str | None:
+    """The bearer token: the first line of `key_file`, else the value of `env_var`, else None."""
+    if key_file is not None:
+        try:
+            key = key_file.read_text().strip()
+        except OSError as err:
+            raise typer.BadParameter(f"cannot read the file ({err.strerror})",
+                                     param_hint="--api-key-file") from None
+        if not key:
+            raise typer.BadParameter("the file is empty; accepted: a file holding the key",
+                                     param_hint="--api-key-file")
+        return key
+    return (os.environ.get(env_var) or None) if env_var else None
 
 
 def generate_command(
+    ctx: typer.Context,
     out: Path = typer.Option(..., "--out", "-o", help="Directory for the PNGs and grid.png."),
     num_images: int = typer.Option(16, "--num-images", "-n", help="Images to generate."),
     url: str | None = typer.Option(None, "--url", help="Server URL (default: what `serve` would use)."),
@@ -36,18 +58,17 @@ def generate_command(
                                       "applies to all images."),
     seed: int | None = typer.Option(None, "--seed", help="Image i uses seed + i (random when unset)."),
     nrow: int = typer.Option(8, "--nrow", help="Images per grid row."),
-    api_key: str | None = typer.Option(None, "--api-key", help="Bearer token (default: the env var named "
-                                       "by serve.api_key_env)."),
+    api_key_file: Path | None = typer.Option(None, "--api-key-file", help="File holding the bearer token "
+                                             "(default: the env var named by serve.api_key_env)."),
     serve_config: Path = typer.Option(SERVE_CONFIG_PATH, "--serve-config", help="Ray Serve config file "
                                       "(with the config file's serve section: the default URL and key)."),
 ) -> None:
     """Generate images with a running server and save them."""
     from diffusion_core.images import make_grid, save_png
-    from flows.cli.serve import load_serve_settings
     from serving.client import GenerationClient
 
-    settings, _ = load_serve_settings(serve_config)
-    key = api_key or (os.environ.get(settings.api_key_env) if settings.api_key_env else None)
+    settings, _ = cli_context(ctx).serve_settings(serve_config)
+    key = read_api_key(api_key_file, settings.api_key_env)
     label_list = parse_labels(labels)
     if label_list is not None and len(label_list) == 1:
         label_list = label_list * num_images

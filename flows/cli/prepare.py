@@ -9,12 +9,12 @@ from rich.table import Table
 
 from diffusion_core.data.config import PrepareConfig
 from diffusion_core.data.prepare import PrepareResult, prepare, summary_rows
-from flows.config import load_config
+from diffusion_core.redact import redact_uri
+from flows.cli.context import cli_context, help_with_default
 
 
 def _help(field: str, text: str) -> str:
-    """Help text quoting the model's default, so the default lives only in PrepareConfig."""
-    return f"{text} (default {PrepareConfig.model_fields[field].default})"
+    return help_with_default(PrepareConfig, field, text)
 
 
 def register(app: typer.Typer) -> None:
@@ -22,6 +22,7 @@ def register(app: typer.Typer) -> None:
 
 
 def prepare_command(
+    ctx: typer.Context,
     source: str = typer.Argument(..., help="'digits' (built-in 8x8 digits), an image folder, or a "
                                  ".npy / .npz / .parquet file."),
     output: str = typer.Argument(..., help="Dataset directory: local path or URI (file://, s3://, gs://)."),
@@ -33,16 +34,14 @@ def prepare_command(
         None, help=_help("alpha_background", "Colour transparent pixels become: white or black.")),
     rows_per_shard: int | None = typer.Option(None, help=_help("rows_per_shard", "Rows per Parquet file.")),
     force: bool = typer.Option(False, "--force", help="Rebuild even when the dataset is up to date."),
-    use_flow: bool = typer.Option(False, "--flow", help="Run as the Prefect flow (caching, artifacts)."),
+    use_flow: bool = typer.Option(False, "--flow", help="Run as the Prefect flow (retries, artifacts)."),
 ) -> None:
     """Prepare SOURCE into a sharded Parquet dataset with a manifest at OUT."""
-    from flows.cli import GlobalOptions
-
     overrides = {"source": source, "output": output, "size": size, "channels": channels,
                  "val_fraction": val_fraction, "alpha_background": alpha_background,
                  "rows_per_shard": rows_per_shard}
-    config = load_config(PrepareConfig, "prepare", GlobalOptions.config, overrides=overrides)
-    result = _run_flow(config) if use_flow else _run_with_progress(config, force)
+    config = cli_context(ctx).load(PrepareConfig, "prepare", overrides)
+    result = _run_flow(config, force) if use_flow else _run_with_progress(config, force)
     _print_summary(result)
 
 
@@ -56,14 +55,14 @@ def _run_with_progress(config: PrepareConfig, force: bool) -> PrepareResult:
         return prepare(config, force=force, progress=lambda n: bar.update(task_id, completed=n))
 
 
-def _run_flow(config: PrepareConfig) -> PrepareResult:
+def _run_flow(config: PrepareConfig, force: bool) -> PrepareResult:
     from flows.prepare import prepare_dataset
 
-    return prepare_dataset(config)
+    return prepare_dataset(config, force=force)
 
 
 def _print_summary(result: PrepareResult) -> None:
     table = Table(title="Prepared dataset", show_header=False)
     for row in summary_rows(result):
-        table.add_row(row["item"], row["value"])
+        table.add_row(row["item"], redact_uri(row["value"]))
     Console().print(table)

@@ -7,9 +7,16 @@ error the user can act on (DiffusionPipelineError, e.g. FDs that are not compara
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import typer
 
-from flows.cli.register import load_registry_config, print_decision
+from flows.cli.context import CliContext, cli_context
+from flows.cli.register import print_decision
+
+if TYPE_CHECKING:
+    from diffusion_core.adapters.mlflow_registry import RegistryConfig
 
 
 def register(app: typer.Typer) -> None:
@@ -17,6 +24,7 @@ def register(app: typer.Typer) -> None:
 
 
 def promote_command(
+    ctx: typer.Context,
     version: str = typer.Argument(..., help="Version number of the registered model."),
     model_name: str | None = typer.Option(None, help="Registered model name (registry.model_name)."),
     tracking_uri: str | None = typer.Option(None, help="MLflow tracking URI (or MLFLOW_TRACKING_URI)."),
@@ -31,22 +39,22 @@ def promote_command(
     """
     from diffusion_core.adapters.mlflow_registry import promote_if_better
 
-    registry = load_registry_config({"model_name": model_name, "tracking_uri": tracking_uri})
+    context = cli_context(ctx)
+    registry = context.registry_config({"model_name": model_name, "tracking_uri": tracking_uri})
     decision = promote_if_better(
         registry.model_name, version, margin=registry.gate_margin, force=force,
         tracking_uri=registry.tracking_uri, lock_dir=registry.lock_dir,
         lock_timeout_s=registry.lock_timeout_s,
-        reevaluate_champion=None if dataset is None else _reevaluator(dataset, registry))
+        reevaluate_champion=None if dataset is None else _reevaluator(dataset, registry, context))
     print_decision(decision)
     if decision.action == "rejected":
         raise typer.Exit(code=1)
 
 
-def _reevaluator(dataset: str, registry):
+def _reevaluator(dataset: str, registry: RegistryConfig, context: CliContext) -> Callable[[str], float]:
     from diffusion_core.metrics import feature_extractor_for, reference_from_dataset
-    from flows.cli.evaluate import load_eval_config
     from flows.evaluate import champion_reevaluator
 
-    config = load_eval_config({})
+    config = context.eval_config()
     reference = reference_from_dataset(dataset)
     return champion_reevaluator(reference, feature_extractor_for(reference, config), config, registry)

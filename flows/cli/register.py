@@ -15,22 +15,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from flows.cli.evaluate import eval_overrides, load_eval_config
+from flows.cli.context import cli_context
+from flows.cli.evaluate import eval_overrides
 
 if TYPE_CHECKING:  # MLflow loads only when a registry command runs, not with every CLI call
-    from diffusion_core.adapters.mlflow_registry import ModelVersionInfo, PromotionDecision, RegistryConfig
+    from diffusion_core.adapters.mlflow_registry import ModelVersionInfo, PromotionDecision
 
 
 def register(app: typer.Typer) -> None:
     app.command("register")(register_command)
-
-
-def load_registry_config(overrides: dict[str, object]) -> RegistryConfig:
-    from diffusion_core.adapters.mlflow_registry import RegistryConfig
-    from flows.cli import GlobalOptions
-    from flows.config import load_config
-
-    return load_config(RegistryConfig, "registry", GlobalOptions.config, overrides=overrides)
 
 
 def print_version(version: ModelVersionInfo) -> None:
@@ -49,6 +42,7 @@ def print_decision(decision: PromotionDecision) -> None:
 
 
 def register_command(
+    ctx: typer.Context,
     checkpoint: Path = typer.Argument(..., help="Checkpoint directory (spec.json + safetensors)."),
     dataset: str | None = typer.Option(None, help="Prepared dataset: evaluate first and run the gate."),
     model_name: str | None = typer.Option(None, help="Registered model name (registry.model_name)."),
@@ -62,7 +56,8 @@ def register_command(
     seed: int | None = typer.Option(None, help="Evaluation seed (evaluate.seed)."),
 ) -> None:
     """Register CHECKPOINT as a new version (alias candidate); with --dataset also evaluate and gate."""
-    registry = load_registry_config({"model_name": model_name, "tracking_uri": tracking_uri})
+    context = cli_context(ctx)
+    registry = context.registry_config({"model_name": model_name, "tracking_uri": tracking_uri})
     if dataset is None:
         from diffusion_core.adapters.mlflow_registry import log_and_register
 
@@ -73,7 +68,7 @@ def register_command(
         return
     from flows.evaluate import evaluate_and_register
 
-    config = load_eval_config(eval_overrides(num_samples, steps, sampler, seed, None))
+    config = context.eval_config(eval_overrides(num_samples, steps, sampler, seed, None))
     outcome = evaluate_and_register(checkpoint, dataset, config, registry, training_run_id=run_id,
                                     run_gate=gate, force=force)
     print_version(outcome.version)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from flows.cli.register import load_registry_config, print_decision
+from flows.cli.context import cli_context
+from flows.cli.register import print_decision
 
 
 def register(app: typer.Typer) -> None:
@@ -12,12 +13,13 @@ def register(app: typer.Typer) -> None:
 
 
 def rollback_command(
+    ctx: typer.Context,
     model_name: str | None = typer.Option(None, help="Registered model name (registry.model_name)."),
     tracking_uri: str | None = typer.Option(None, help="MLflow tracking URI (or MLFLOW_TRACKING_URI)."),
 ) -> None:
     """Point `champion` at the version the current champion replaced (repeat to go further back)."""
     from diffusion_core.adapters.mlflow_registry import rollback
 
-    registry = load_registry_config({"model_name": model_name, "tracking_uri": tracking_uri})
+    registry = cli_context(ctx).registry_config({"model_name": model_name, "tracking_uri": tracking_uri})
     print_decision(rollback(registry.model_name, tracking_uri=registry.tracking_uri,
                             lock_dir=registry.lock_dir, lock_timeout_s=registry.lock_timeout_s))

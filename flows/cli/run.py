@@ -7,29 +7,26 @@ generated images over HTTP. `--keep-serving` leaves the endpoint up until Ctrl-C
 
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import typer
 
-from flows.cli import GlobalOptions
+from diffusion_core.redact import redact_uri
+from flows.cli.context import cli_context
 
-logger = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from flows.pipeline import PipelineResult
+    from flows.pipeline_config import PipelineConfig
+
 
 def register(app: typer.Typer) -> None:
     app.command("run")(run_command)
 
 
-def pipeline_config(overrides: dict[str, Any]):  # -> PipelineConfig
-    """PipelineConfig from --config (or DIFFUSION_PIPELINE_CONFIG), the environment and flags."""
-    from flows.pipeline import load_pipeline_config
-
-    return load_pipeline_config(GlobalOptions.config, overrides)
-
-
 def run_command(
+    ctx: typer.Context,
     source: str | None = typer.Option(None, "--source", help="'digits' (built in) or a path: image "
                                       "folder, .npy/.npz or .parquet."),
     work_dir: str | None = typer.Option(None, "--work-dir", help="Where the dataset, checkpoints, "
@@ -51,55 +48,33 @@ def run_command(
     keep_serving: bool = typer.Option(False, "--keep-serving", help="Leave the endpoint up until Ctrl-C."),
 ) -> None:
     """Run the whole pipeline: prepare -> train -> evaluate/register -> serve -> sample grid."""
-    config = pipeline_config({
+    config = cli_context(ctx).pipeline_config({
         "source": source, "work_dir": work_dir, "prepare.size": size, "prepare.channels": channels,
         "train.steps": steps, "train.num_workers": num_workers, "model_name": model_name,
         "tracking_uri": tracking_uri, "ray_address": ray_address, "promotion_margin": promotion_margin,
         "evaluate.num_samples": eval_samples, "force_train": force_train, "warm_start": warm_start,
         "serving.port": port, "serve": True,
     })
-    started = time.monotonic()
-    own_ray = _start_ray(config.resolved_ray_address())
-    try:
-        from flows.pipeline import retrain
+    from diffusion_core.adapters.ray_cluster import connect_ray, stop_ray
+    from flows.pipeline import retrain
 
+    started = time.monotonic()
+    # A Ray started here outlives training so that Serve can run in it; it stops when `run` ends.
+    connection = connect_ray(config.resolved_ray_address(), include_dashboard=False)
+    try:
         result = retrain(config)
         grid = _fetch_grid(config, result, num_images)
         _print_summary(config, result, grid, time.monotonic() - started)
         if keep_serving:
             typer.echo("serving; press Ctrl-C to stop")
-            _block()
+            _wait_for_interrupt()
     finally:
-        if own_ray:
-            _stop_ray()
-        else:
-            typer.echo("the Serve app stays up on the cluster at RAY_ADDRESS")
+        if not connection.started:
+            typer.echo("the Serve app stays up on the Ray cluster")
+        stop_ray(connection)
 
 
-def _start_ray(address: str | None) -> bool:
-    """Connect to `address` (or RAY_ADDRESS), else start a local Ray with this machine's CPUs that
-    outlives training so that Serve can run in it. True when this process started (and so owns) it."""
-    import os
-
-    import ray
-
-    if ray.is_initialized():
-        return False
-    ray.init(address=address, configure_logging=False, include_dashboard=False)
-    return not (address or os.environ.get("RAY_ADDRESS"))
-
-
-def _stop_ray() -> None:
-    import ray
-    from ray import serve
-
-    try:
-        serve.shutdown()
-    finally:
-        ray.shutdown()
-
-
-def _fetch_grid(config, result, num_images: int) -> Path:
+def _fetch_grid(config: PipelineConfig, result: PipelineResult, num_images: int) -> Path:
     """Generate `num_images` over HTTP (labels cycling through the classes when the model has them)
     and save them as one PNG grid."""
     from diffusion_core.images import make_grid, save_png
@@ -119,7 +94,7 @@ def _fetch_grid(config, result, num_images: int) -> Path:
     return path
 
 
-def _print_summary(config, result, grid: Path, seconds: float) -> None:
+def _print_summary(config: PipelineConfig, result: PipelineResult, grid: Path, seconds: float) -> None:
     status = "became champion" if result.became_champion else f"not promoted ({result.decision})"
     typer.echo("")
     typer.echo(f"model      {result.model_name} version {result.version}: {status}")
@@ -129,15 +104,24 @@ def _print_summary(config, result, grid: Path, seconds: float) -> None:
                f"{'trained' if result.trained else 'training skipped: unchanged'})")
     url = result.served_url or config.serve_settings().url
     typer.echo("")
-    typer.echo(f"MLflow UI: mlflow ui --backend-store-uri {config.resolved_tracking_uri()} --port 5000")
+    typer.echo(f"MLflow UI: {_mlflow_ui(config.resolved_tracking_uri())}")
     typer.echo(f"endpoint:  curl -s -X POST {url}/generate -H 'content-type: application/json' "
                "-d '{\"num_images\": 4, \"seed\": 0}'")
     typer.echo(f"           diffusion-pipeline generate --url {url} -n 16 --out samples/")
 
 
-def _block() -> None:
+def _mlflow_ui(tracking_uri: str) -> str:
+    """Where to look at the runs: a tracking server is its own UI; a store needs `mlflow ui`.
+    The URI is redacted: it can carry credentials."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return redact_uri(tracking_uri)
+    return f"mlflow ui --backend-store-uri {redact_uri(tracking_uri)} --port 5000"
+
+
+def _wait_for_interrupt() -> None:
+    from flows.cli.serve import block_forever
+
     try:
-        while True:
-            time.sleep(3600)
+        block_forever()
     except KeyboardInterrupt:
         typer.echo("stopping")

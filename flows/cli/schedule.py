@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from flows.cli import GlobalOptions
-from flows.config import load_config
+from flows.cli.context import cli_context
 
 
 def register(app: typer.Typer) -> None:
@@ -17,6 +16,7 @@ def register(app: typer.Typer) -> None:
 
 
 def schedule_command(
+    ctx: typer.Context,
     cron: str | None = typer.Option(None, "--cron", help="Five-field cron expression, e.g. '0 3 * * *'."),
     timezone: str | None = typer.Option(None, "--timezone", help="IANA time zone of the cron (default UTC)."),
     name: str | None = typer.Option(None, "--name", help="Deployment name (default retrain-nightly)."),
@@ -25,12 +25,12 @@ def schedule_command(
     serve: bool | None = typer.Option(None, "--serve/--no-serve", help="Deploy the new champion to Serve."),
 ) -> None:
     """Serve the `retrain` flow on a cron schedule (Prefect `flow.serve`); Ctrl-C stops it."""
-    from flows.cli.run import pipeline_config
     from flows.schedule import RetrainSchedule, serve_retraining
 
-    schedule = load_config(RetrainSchedule, "schedule", GlobalOptions.config,
-                           {"cron": cron, "timezone": timezone, "deployment_name": name})
-    config = pipeline_config({"source": source, "work_dir": work_dir, "serve": serve})
+    context = cli_context(ctx)
+    schedule = context.load(RetrainSchedule, "schedule",
+                            {"cron": cron, "timezone": timezone, "deployment_name": name})
+    config = context.pipeline_config({"source": source, "work_dir": work_dir, "serve": serve})
     typer.echo(f"serving deployment 'retrain/{schedule.deployment_name}' on cron '{schedule.cron}' "
                f"({schedule.timezone}); trigger now with: "
                f"prefect deployment run 'retrain/{schedule.deployment_name}'")

@@ -5,9 +5,9 @@ http_options host/port in the Serve config file (--serve-config, default serving
 the `serve` section of the pipeline config file, MLFLOW_TRACKING_URI, then these flags. Replicas and
 ray_actor_options come from the Serve config file's deployments.
 
-Ray: --ray-address / RAY_ADDRESS, else a `ray start` cluster on this machine, else a new local Ray.
-Ctrl-C deletes only the app this command started; Serve and Ray are shut down only when this process
-started Ray, so other apps on a shared cluster keep running.
+Ray: `connect_ray` (--ray-address / RAY_ADDRESS, else a new local Ray owned by this command; `auto`
+for a `ray start` cluster on this machine). Ctrl-C deletes only the app this command started on a
+cluster it connected to, so other apps there keep running; a Ray this command started stops with it.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
+from flows.cli.context import cli_context
 from serving.config import SERVE_CONFIG_PATH
 
 if TYPE_CHECKING:
@@ -32,51 +33,22 @@ def register(app: typer.Typer) -> None:
     app.command("serve")(serve_command)
 
 
-def load_serve_settings(serve_config: str | Path = SERVE_CONFIG_PATH,
-                        overrides: dict[str, Any] | None = None) -> tuple[ServeSettings, dict[str, Any]]:
-    """(settings, Serve config): the settings layered as the module docstring says (the pipeline
-    config file is the CLI's --config / DIFFUSION_PIPELINE_CONFIG)."""
-    from diffusion_core.errors import ConfigError
-    from flows.cli import GlobalOptions
-    from flows.config import build_config, read_config_file
-    from serving import control
-    from serving.config import ServeSettings
-
-    base = control.load_serve_config(serve_config)
-    section = read_config_file(GlobalOptions.config).get("serve") or {}
-    if not isinstance(section, dict):
-        raise ConfigError("config: section 'serve' must be a mapping")
-    data = {**control.settings_fields(base), **section}
-    return build_config(ServeSettings, data, "serve", overrides), base
-
-
-def _connect_ray(address: str | None) -> bool:
-    """Connect to or start Ray; True when this process started it (and so may shut it down)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    ray.init(address=address, configure_logging=False)
-    # Ray has no public "did init start the cluster": a started one makes this process its head node.
-    node = getattr(ray._private.worker, "_global_node", None)
-    return node is not None and node.is_head()
-
-
-def _block_forever() -> None:
+def block_forever() -> None:
+    """Sleep until interrupted (Ctrl-C raises KeyboardInterrupt)."""
     while True:
         time.sleep(3600)
 
 
 def serve_until_interrupted(settings: ServeSettings, base: dict[str, Any], ray_address: str | None,
-                            block: Callable[[], None] = _block_forever) -> None:
-    """Start the app, run `block` (until Ctrl-C), then delete the app; stop Serve and Ray only if
-    this process started Ray."""
-    import ray
+                            block: Callable[[], None] = block_forever) -> None:
+    """Start the app, run `block` (until Ctrl-C), then delete the app, or stop Serve and Ray with it
+    when this command started Ray."""
     from ray import serve
 
+    from diffusion_core.adapters.ray_cluster import connect_ray, stop_ray
     from serving import control
 
-    own_ray = _connect_ray(ray_address)
+    connection = connect_ray(ray_address)
     started = False
     try:
         control.start_app(settings, base)
@@ -87,18 +59,15 @@ def serve_until_interrupted(settings: ServeSettings, base: dict[str, Any], ray_a
     except KeyboardInterrupt:
         typer.echo("shutting down")
     finally:
-        if own_ray:
-            try:
-                serve.shutdown()
-            finally:
-                ray.shutdown()
-        elif started:
+        if started and not connection.started:
             serve.delete(settings.app_name)
             logger.info("deleted Serve app %s; the cluster and its other apps keep running",
                         settings.app_name)
+        stop_ray(connection)
 
 
 def serve_command(
+    ctx: typer.Context,
     model_name: str | None = typer.Option(None, "--model-name", help="Registered model name."),
     alias: str | None = typer.Option(None, "--alias", help="Registry alias to serve (default champion)."),
     version: str | None = typer.Option(None, "--version", help="Pinned registry version (wins over alias)."),
@@ -112,7 +81,7 @@ def serve_command(
     api_key_env: str | None = typer.Option(None, "--api-key-env", help="Env var holding the bearer token."),
     serve_config: Path = typer.Option(SERVE_CONFIG_PATH, "--serve-config", help="Ray Serve config file."),
     ray_address: str | None = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS",
-                                           help="Ray cluster address (default: a local Ray)."),
+                                           help="Ray cluster address (default: a new local Ray)."),
 ) -> None:
     """Serve the model over HTTP until interrupted."""
     overrides = {
@@ -120,5 +89,5 @@ def serve_command(
         "tracking_uri": tracking_uri, "host": host, "port": port, "route_prefix": route_prefix,
         "device": device, "max_images_per_batch": max_images_per_batch, "api_key_env": api_key_env,
     }
-    settings, base = load_serve_settings(serve_config, overrides)
+    settings, base = cli_context(ctx).serve_settings(serve_config, overrides)
     serve_until_interrupted(settings, base, ray_address)

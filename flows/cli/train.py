@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import typer
 
-from flows.cli import GlobalOptions
-from flows.config import load_config
+from diffusion_core.redact import redact_uri
+from flows.cli.context import cli_context
 
 
 def register(app: typer.Typer) -> None:
@@ -17,6 +17,7 @@ def register(app: typer.Typer) -> None:
 
 
 def train_command(
+    ctx: typer.Context,
     dataset: str = typer.Argument(..., help="Prepared dataset directory or URI (from `prepare`)."),
     run_name: str | None = typer.Option(None, "--run-name", help="Ray Train run name; reuse to resume."),
     storage_path: str | None = typer.Option(None, "--storage-path", help="Checkpoint root (path or URI)."),
@@ -42,8 +43,9 @@ def train_command(
         "cpus_per_worker": cpus_per_worker, "use_gpu": use_gpu, "warm_start": warm_start,
         "experiment_name": experiment_name, "tracking_uri": tracking_uri, "ray_address": ray_address,
     }
-    config = load_config(TrainConfig, "train", GlobalOptions.config, overrides)
-    typer.echo(f"training {config.steps} steps on {config.num_workers} worker(s), dataset {config.dataset}")
+    config = cli_context(ctx).load(TrainConfig, "train", overrides)
+    typer.echo(f"training {config.steps} steps on {config.num_workers} worker(s), "
+               f"dataset {redact_uri(config.dataset)}")
     result = run_training(config)
-    typer.echo(f"checkpoint: {result.checkpoint_path}")
+    typer.echo(f"checkpoint: {redact_uri(result.checkpoint_path)}")
     typer.echo(f"mlflow run: {result.run_id}  (training run {result.run_name})")
