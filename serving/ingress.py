@@ -145,6 +145,7 @@ def build_api(model: DeploymentHandle, settings: ServeSettings, api_key: str | N
         "(a random base seed when seed is null); the seeds used are returned."))
     api.add_middleware(RequestGuard, api_key=api_key, max_body_bytes=settings.max_body_bytes,
                        public_paths=PUBLIC_PATHS)
+    _publish_exact_request_schema(api, Request)
 
     @api.exception_handler(RequestValidationError)
     async def invalid_request(_: Any, err: RequestValidationError) -> JSONResponse:
@@ -180,6 +181,21 @@ def build_api(model: DeploymentHandle, settings: ServeSettings, api_key: str | N
         return _response(request, job, result, handle_s, started)
 
     return api
+
+
+def _publish_exact_request_schema(api: FastAPI, request: type[GenerateRequest]) -> None:
+    """/openapi.json with pydantic's own schema of the request body: FastAPI's OpenAPI models store
+    numeric bounds as floats, which would round the seed's maximum (2**63 - 1) up to 2**63."""
+    generate_openapi = api.openapi
+
+    def openapi() -> dict[str, Any]:
+        if api.openapi_schema is None:
+            document = generate_openapi()
+            document["components"]["schemas"]["GenerateRequest"] = request.model_json_schema(
+                ref_template="#/components/schemas/{model}")
+        return api.openapi_schema
+
+    api.openapi = openapi
 
 
 def _response(request: GenerateRequest, job: GenerationJob, result: Generated, handle_s: float,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from diffusion_core.errors import ConfigError
 from diffusion_core.sampling_defaults import (
@@ -60,30 +60,28 @@ def request_model(settings: ServeSettings) -> type[GenerateRequest]:
     """
     max_images = settings.max_images_per_request
 
-    class LimitedRequest(GenerateRequest):
-        model_config = ConfigDict(title="GenerateRequest")
+    def within_limits(request: GenerateRequest) -> GenerateRequest:
+        request.steps = settings.default_steps if request.steps is None else request.steps
+        request.sampler = settings.default_sampler if request.sampler is None else request.sampler
+        if request.num_images * request.steps > settings.max_work:
+            raise ConfigError(f"num_images * steps: exceeds the per-request work cap; accepted: "
+                              f"<= {settings.max_work}")
+        if request.eta != 0.0 and request.sampler not in ETA_SAMPLERS:
+            raise ConfigError(f"eta: only used by {', '.join(ETA_SAMPLERS)}; accepted: 0 for sampler "
+                              f"{request.sampler}")
+        return request
 
-        num_images: int = Field(1, ge=1, le=max_images, description="images to generate")
-        steps: int | None = Field(None, ge=1, le=settings.max_steps, description=(
-            f"sampler steps; null -> {settings.default_steps}. num_images * steps <= {settings.max_work}"))
-        sampler: SamplerName | None = Field(None, description=f"null -> {settings.default_sampler}")
-        labels: list[Label] | None = Field(None, max_length=max_images, description=(
+    return create_model(
+        "GenerateRequest", __base__=GenerateRequest,
+        __validators__={"_within_limits": model_validator(mode="after")(within_limits)},
+        num_images=(int, Field(1, ge=1, le=max_images, description="images to generate")),
+        steps=(int | None, Field(None, ge=1, le=settings.max_steps, description=(
+            f"sampler steps; null -> {settings.default_steps}. num_images * steps <= {settings.max_work}"))),
+        sampler=(SamplerName | None, Field(None, description=f"null -> {settings.default_sampler}")),
+        labels=(list[Label] | None, Field(None, max_length=max_images, description=(
             "one class per image (exactly num_images); null -> unconditional. Each must be a class of "
-            "the served model (GET /model: num_classes)"))
-
-        @model_validator(mode="after")
-        def _within_limits(self) -> Self:
-            self.steps = settings.default_steps if self.steps is None else self.steps
-            self.sampler = settings.default_sampler if self.sampler is None else self.sampler
-            if self.num_images * self.steps > settings.max_work:
-                raise ConfigError(f"num_images * steps: exceeds the per-request work cap; accepted: "
-                                  f"<= {settings.max_work}")
-            if self.eta != 0.0 and self.sampler not in ETA_SAMPLERS:
-                raise ConfigError(f"eta: only used by {', '.join(ETA_SAMPLERS)}; accepted: 0 for sampler "
-                                  f"{self.sampler}")
-            return self
-
-    return LimitedRequest
+            "the served model (GET /model: num_classes)"))),
+    )
 
 
 class ModelRef(BaseModel):
