@@ -76,3 +76,16 @@ def test_the_serve_config_names_the_deployments_that_build_app_creates():
 
     names = {d["name"] for d in control.load_serve_config()["applications"][0]["deployments"]}
     assert names == {GenerationIngress.name, DiffusionModel.name} == {"GenerationIngress", "DiffusionModel"}
+
+
+def test_the_http_front_end_loads_neither_torch_nor_the_model():
+    """The ingress replicas validate and encode only: importing them must not load torch or the UNet."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    heavy = ("torch", "serving.model_deployment", "diffusion_core.unet", "diffusion_core.samplers")
+    code = f"import sys, serving.ingress; print([m for m in {heavy!r} if m in sys.modules])"
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
