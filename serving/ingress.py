@@ -34,7 +34,7 @@ from fastapi.security import HTTPBearer
 from pydantic import BaseModel
 from ray import serve
 from ray.exceptions import RayError
-from ray.serve.exceptions import BackPressureError
+from ray.serve.exceptions import BackPressureError, RayServeException
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from diffusion_core.errors import ConfigError
@@ -112,15 +112,15 @@ def read_api_key(env_name: str | None) -> str | None:
 
 
 async def ask_model(call: DeploymentResponse, what: str, timeout_s: float) -> Any:
-    """The model deployment's answer, or a Failure: a full queue or a failed replica (any Ray error,
-    e.g. ActorDiedError) is "unavailable", no answer within `timeout_s` a "timeout". A call that
+    """The model deployment's answer, or a Failure: a full queue or a failed replica (any Ray or
+    Serve error, e.g. ActorDiedError) is "unavailable", no answer within `timeout_s` a "timeout". A call that
     times out or whose caller goes away is cancelled, which drops its job from the replica's queue."""
     try:
         return await asyncio.wait_for(call, timeout_s)
     except BackPressureError:
         return Failure("unavailable", "overloaded: the generation queue is full; retry later",
                        retry_after_s=1)
-    except RayError as err:
+    except (RayError, RayServeException) as err:
         logger.warning("%s: model deployment failed: %s", what, err)
         return Failure("unavailable", f"{what}: the model deployment failed ({type(err).__name__}); "
                        "retry later", retry_after_s=1)
