@@ -1,14 +1,22 @@
 """Throughput and latency of the Serve app for 1-image requests, batching on and off, against calling
 the sampler directly on the same batch size.
 
-    python benchmarks/serve.py [--steps 10] [--seconds 8] [--device cpu]
+    python benchmarks/serve.py [--steps 20] [--seconds 8] [--batch-wait S] [--device cpu]
 
 For each mode (batching on: max_images_per_batch=32; off: 1) and concurrency (1, 8, 32 clients,
 each sending its next request when the previous answer arrives), it measures images/s and p50/p95
 latency over `--seconds`. "Direct" is `LoadedModel.generate` (diffusion_core.sample) in this process
-with the replica's thread count, at batch 1, 8 and 32; the serving efficiency is served images/s at
-concurrency c divided by direct images/s at batch c. The model is a random-init default digits UNet
-served from a local checkpoint (no registry), so the numbers are the cost of sampling plus serving.
+with the replica's thread count (one), at batch 1, 8 and 32; the serving efficiency is served
+images/s at concurrency c divided by direct images/s at batch c. The model is a random-init default
+digits UNet served from a local checkpoint (no registry), so the numbers are the cost of sampling
+plus serving.
+
+The summary also gives the HTTP path at c=1 (mean served latency minus one direct batch-1 sampler
+call) and, from the timings the server reports with each answer (schemas.Timings), where each
+request's time went: client + HTTP proxy (latency - ingress total), the ingress itself (validation,
+PNG encoding: total - handle), the handle call's transport and Serve's queue in front of the model
+replica (handle - model), the replica's batcher queue (including the batch wait) and the sampling
+(model = queue + sampling).
 Writes benchmarks/results/serve.json with machine info and os.getloadavg() before and after.
 """
 
@@ -20,6 +28,7 @@ import json
 import logging
 import os
 import platform
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +40,7 @@ import torch
 from diffusion_core.atomic_io import atomic_write_text
 from diffusion_core.checkpoint import DataSpec, LoadedModel, ModelSpec, load_checkpoint, save_checkpoint
 from diffusion_core.objective import ObjectiveConfig
+from diffusion_core.sampling_defaults import DEFAULT_SAMPLER, DEFAULT_STEPS
 from diffusion_core.schedule import ScheduleConfig
 from diffusion_core.unet import UNet, UNetConfig
 from serving.config import ServeSettings
@@ -48,6 +58,12 @@ def make_checkpoint(directory: Path) -> Path:
     spec = ModelSpec(unet=config, schedule=ScheduleConfig(), objective=ObjectiveConfig(),
                      data=DataSpec(image_size=8, channels=1, label_names=[str(i) for i in range(10)]))
     return save_checkpoint(directory / "checkpoint", UNet(config), spec)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def percentile_ms(latencies: list[float], q: float) -> float:
@@ -70,7 +86,7 @@ async def closed_loop(url: str, concurrency: int, steps: int, seconds: float) ->
             i += 1
             if response.status_code == 200:
                 latencies.append(time.perf_counter() - start)
-                timings.append(response.json()["timings"])
+                timings.append({**response.json()["timings"], "latency_s": latencies[-1]})
             else:
                 failures += 1
 
@@ -87,14 +103,21 @@ async def closed_loop(url: str, concurrency: int, steps: int, seconds: float) ->
 
 
 def server_side_means(timings: list[dict[str, float]]) -> dict[str, float]:
-    """Where the time went, from the server's timings: queueing at the model replica, sampling, the
-    ingress's total (the rest of the client's latency is the HTTP proxy and the client itself)."""
-    def mean(key: str, scale: float = 1.0) -> float:
-        return round(float(np.mean([t[key] for t in timings])) * scale, 2)
+    """Where the time went (means, ms): each part is the difference of two nested timings."""
+    def mean_ms(part) -> float:
+        return round(float(np.mean([part(t) for t in timings])) * 1000, 2)
 
-    return {"mean_batch_images": mean("batch_images"), "mean_batch_total_images": mean("batch_total_images"),
-            "mean_queue_ms": mean("queue_s", 1000), "mean_sampling_ms": mean("sampling_s", 1000),
-            "mean_ingress_total_ms": mean("total_s", 1000)}
+    return {
+        "mean_batch_images": round(float(np.mean([t["batch_images"] for t in timings])), 2),
+        "mean_batch_total_images": round(float(np.mean([t["batch_total_images"] for t in timings])), 2),
+        "mean_client_and_proxy_ms": mean_ms(lambda t: t["latency_s"] - t["total_s"]),
+        "mean_ingress_ms": mean_ms(lambda t: t["total_s"] - t["handle_s"]),
+        "mean_handle_transport_ms": mean_ms(lambda t: t["handle_s"] - t["model_s"]),
+        "mean_queue_ms": mean_ms(lambda t: t["queue_s"]),
+        "mean_sampling_ms": mean_ms(lambda t: t["sampling_s"]),
+        "mean_ingress_total_ms": mean_ms(lambda t: t["total_s"]),
+        "mean_latency_ms": mean_ms(lambda t: t["latency_s"]),
+    }
 
 
 def direct_rate(loaded: LoadedModel, batch: int, steps: int, seconds: float) -> float:
@@ -135,11 +158,17 @@ def serve_mode(checkpoint: Path, max_images_per_batch: int, args: argparse.Names
 
 
 def summarize(served: dict[str, dict], direct: dict[str, float]) -> dict[str, object]:
-    """Batching speedup at the highest concurrency, and served / direct images/s at each level."""
+    """Batching speedup at the highest concurrency, served / direct images/s at each level, and the
+    HTTP path of one request at the lowest (its mean latency minus one direct batch-1 run)."""
     on, off = served["batching_on"], served["batching_off"]
-    top = max(on, key=int)
-    return {f"batching_speedup_at_{top}": round(on[top]["images_per_s"] / off[top]["images_per_s"], 2),
-            "served_over_direct": {c: round(on[c]["images_per_s"] / direct[c], 3) for c in on}}
+    top, low = max(on, key=int), min(on, key=int)
+    summary: dict[str, object] = {
+        f"batching_speedup_at_{top}": round(on[top]["images_per_s"] / off[top]["images_per_s"], 2),
+        "served_over_direct": {c: round(on[c]["images_per_s"] / direct[c], 3) for c in on},
+    }
+    if low == "1":
+        summary["http_path_ms_at_1"] = round(on["1"]["mean_latency_ms"] - 1000 / direct["1"], 2)
+    return summary
 
 
 def machine_info() -> dict[str, object]:
@@ -150,15 +179,17 @@ def machine_info() -> dict[str, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--seconds", type=float, default=8.0)
-    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--port", type=int, default=0, help="HTTP port (0: a free one)")
     parser.add_argument("--device", default="cpu")
     default_wait = ServeSettings.model_fields["batch_wait_timeout_s"].default
     parser.add_argument("--batch-wait", type=float, default=default_wait)
     parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    args.port = args.port or free_port()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     import ray
 
@@ -172,14 +203,15 @@ def main() -> None:
         ray.init(num_cpus=max(2, REPLICA_CPUS + 1), include_dashboard=False, configure_logging=False,
                  log_to_driver=False)
         try:
-            served = {mode: serve_mode(checkpoint, size, args) for mode, size in MODES.items()}
+            served = {mode: serve_mode(checkpoint, MODES[mode], args) for mode in args.modes}
         finally:
             ray.shutdown()
     result = {
-        "benchmark": "serve", "steps": args.steps, "sampler": "dpmpp_2m",
+        "benchmark": "serve", "steps": args.steps, "sampler": DEFAULT_SAMPLER,
         "batch_wait_timeout_s": args.batch_wait, "seconds_per_level": args.seconds,
         "request": "1 image, PNG response", "model": "random-init digits_default UNet",
-        "direct_images_per_s": direct, "served": served, "summary": summarize(served, direct),
+        "direct_images_per_s": direct, "served": served,
+        "summary": summarize(served, direct) if len(served) == len(MODES) else None,
         "machine": machine_info(), "loadavg_before": loadavg_before, "loadavg_after": os.getloadavg(),
     }
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
 
 from diffusion_core.atomic_io import atomic_write_bytes
 from diffusion_core.errors import ConfigError
+
+if TYPE_CHECKING:  # torch loads only where tensors are used: the Serve front end encodes PNGs without it
+    import torch
 
 _MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 # Values this far outside [0, 1] are accepted as float rounding; anything further is a caller bug.
@@ -41,7 +44,8 @@ def to_unit_range(x: torch.Tensor, value_range: tuple[float, float] = MODEL_VALU
 
 def to_uint8(images: torch.Tensor | np.ndarray) -> np.ndarray:
     """(N, C, H, W) float in [0, 1] -> (N, H, W, C) uint8, rounding v * 255 to the nearest integer."""
-    arr = images.detach().cpu().float().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    is_tensor = hasattr(images, "detach")  # a torch.Tensor, told apart without importing torch
+    arr = images.detach().cpu().float().numpy() if is_tensor else np.asarray(images)
     if arr.ndim != 4 or arr.shape[1] not in _MODES:
         raise ConfigError(f"images: expected shape (N, C, H, W) with C in (1, 3, 4), got {arr.shape}")
     if not np.issubdtype(arr.dtype, np.floating):
@@ -54,6 +58,8 @@ def to_uint8(images: torch.Tensor | np.ndarray) -> np.ndarray:
 
 def from_uint8(images: np.ndarray) -> torch.Tensor:
     """(N, H, W, C) uint8 -> (N, C, H, W) float32 in [0, 1]; the inverse of `to_uint8`."""
+    import torch
+
     arr = np.asarray(images)
     if arr.ndim != 4 or arr.dtype != np.uint8:
         raise ConfigError(f"images: expected uint8 (N, H, W, C), got {arr.dtype} {arr.shape}")

@@ -4,7 +4,8 @@ KubeRay's RayService import (`import_path: serving.app:build_app`, `args:` = Ser
     serve run serving/serve_config.yaml                        # the packaged config
     serve run serving.app:build_app model_name=digits alias=champion tracking_uri=http://...
 
-Graph: GenerationIngress (FastAPI, validation, PNG encoding) -> DiffusionModel (@serve.batch).
+Graph: GenerationIngress (FastAPI: guard, validation, PNG encoding; no torch) -> DiffusionModel
+(one batching.Batcher, the sampler).
 `build_app` sets the options that follow from the settings (queue bounds, the model's user_config);
 replicas, autoscaling and ray_actor_options come from the deployments section of the Serve config
 file, which Serve applies on top.

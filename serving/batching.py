@@ -1,25 +1,53 @@
-"""Packing many generation requests into few homogeneous reverse-sampling runs, and back.
+"""The model replica's one batcher: a FIFO queue of jobs, one sampler run at a time.
 
-`@serve.batch` hands the model deployment a list of requests (it counts requests, not images). A
-run of the sampler must share its settings (sampler, steps, guidance, eta, and whether labels are
-given), so requests are grouped by those settings, their images are concatenated in arrival order
-and cut into runs of at most `max_images` images; a large request may span several runs. Because the
-sampler draws each image's noise from its own seed (`samplers.sample`), the images do not depend on
-how they were packed.
+- Turns. When the model is free and jobs wait, a turn starts as soon as the waiting images reach
+  `max_images`, or `wait_s` after the later of "the model became free" and "the oldest job
+  arrived". An idle model thus starts almost at once, and jobs that arrive while a run samples
+  wait for the next turn together (continuous batching); the short wait lets the answers of one
+  turn come back as new requests before the next turn starts.
+- Order. A turn takes the waiting jobs oldest first up to `max_images` images, never skipping one
+  (so nothing starves); the oldest is taken even when it alone is larger, and is then sampled as
+  several runs.
+- Runs. A sampler run shares its settings (`RunKey`), so a turn's images are grouped by settings
+  in arrival order and cut into runs of at most `max_images` (`plan_runs`). The sampler draws each
+  image's noise from its own seed (`samplers.sample`), so an image does not depend on how it was
+  packed. Runs execute in a worker thread: the replica keeps answering calls and health checks.
+- Cancellation. A job whose caller goes away (the HTTP client disconnects, or the ingress times
+  out: Serve then cancels the call) leaves the queue at once, and its images are removed from
+  every run of its turn that has not started.
+- Admission by work (image-steps, the unit of `max_work`). A job is refused (`Failure`
+  "overloaded", with a Retry-After estimate) when the work queued ahead of it plus its own would
+  not finish within `horizon_s` at the rate of recent runs (`WorkRate`). An empty queue admits any
+  job.
+- Model outputs must be finite: a job with a non-finite image fails ("model_output"), and
+  `failing_runs` counts consecutive runs that failed by the model's fault (the replica's health
+  check reads it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
+import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Protocol
 
 import numpy as np
 
-Item = TypeVar("Item")
-Result = TypeVar("Result")
+from diffusion_core.errors import ConfigError
+from serving.jobs import Failure, Generated, GenerationJob, JobResult, SamplingTimings
+from serving.schemas import ModelRef
+
+logger = logging.getLogger(__name__)
+
+# Image-steps per second assumed before the first run is measured: about what one CPU samples with
+# the default digits model at batch 1 (benchmarks/serve.py: ~20 images/s at 20 steps), so an early
+# burst is admitted conservatively; the first finished run replaces it.
+PRIOR_WORK_PER_S = 400.0
+RATE_WINDOW_RUNS = 16
 
 
 @dataclass(frozen=True)
@@ -33,24 +61,8 @@ class RunKey:
     conditional: bool
 
 
-@dataclass(frozen=True)
-class GenerationJob:
-    """One validated request as the model deployment sees it: image i uses seeds[i] (and labels[i])."""
-
-    steps: int
-    sampler: str
-    guidance_scale: float
-    eta: float
-    seeds: tuple[int, ...]
-    labels: tuple[int, ...] | None = None
-
-    @property
-    def num_images(self) -> int:
-        return len(self.seeds)
-
-    @property
-    def run_key(self) -> RunKey:
-        return RunKey(self.sampler, self.steps, self.guidance_scale, self.eta, self.labels is not None)
+def run_key(job: GenerationJob) -> RunKey:
+    return RunKey(job.sampler, job.steps, job.guidance_scale, job.eta, job.labels is not None)
 
 
 @dataclass
@@ -66,6 +78,16 @@ class Run:
     def num_images(self) -> int:
         return len(self.slots)
 
+    @property
+    def work(self) -> int:
+        return self.num_images * self.key.steps
+
+    def without(self, jobs: set[int]) -> Run:
+        """This run less the images of `jobs` (indices into the planned job list)."""
+        keep = [k for k, (job_index, _) in enumerate(self.slots) if job_index not in jobs]
+        return Run(self.key, [self.slots[k] for k in keep], [self.seeds[k] for k in keep],
+                   None if self.labels is None else [self.labels[k] for k in keep])
+
 
 def plan_runs(jobs: Sequence[GenerationJob], max_images: int) -> list[Run]:
     """Group `jobs` by RunKey (in order of first arrival) and cut each group into runs of at most
@@ -74,10 +96,11 @@ def plan_runs(jobs: Sequence[GenerationJob], max_images: int) -> list[Run]:
         raise ValueError(f"max_images: must be >= 1, got {max_images}")
     groups: dict[RunKey, list[Run]] = {}
     for job_index, job in enumerate(jobs):
-        runs = groups.setdefault(job.run_key, [])
+        key = run_key(job)
+        runs = groups.setdefault(key, [])
         for image_index, seed in enumerate(job.seeds):
             if not runs or runs[-1].num_images == max_images:
-                runs.append(Run(job.run_key, labels=[] if job.labels is not None else None))
+                runs.append(Run(key, labels=[] if job.labels is not None else None))
             run = runs[-1]
             run.slots.append((job_index, image_index))
             run.seeds.append(seed)
@@ -86,92 +109,227 @@ def plan_runs(jobs: Sequence[GenerationJob], max_images: int) -> list[Run]:
     return [run for runs in groups.values() for run in runs]
 
 
-def scatter_results(
-    jobs: Sequence[GenerationJob], runs: Sequence[Run], outputs: Sequence[np.ndarray]
-) -> list[np.ndarray]:
-    """Reassemble per-run outputs (each (run.num_images, C, H, W)) into one array per job, shaped
-    (job.num_images, C, H, W), with images in the job's seed order."""
-    if len(runs) != len(outputs):
-        raise ValueError(f"outputs: expected {len(runs)} arrays (one per run), got {len(outputs)}")
-    image_shape = outputs[0].shape[1:]
-    per_job = [np.empty((job.num_images, *image_shape), dtype=outputs[0].dtype) for job in jobs]
-    for run, images in zip(runs, outputs, strict=True):
-        for (job_index, image_index), image in zip(run.slots, images, strict=True):
-            per_job[job_index][image_index] = image
-    return per_job
+class WorkRate:
+    """Image-steps per second over the last `window` runs (total work / total time), or `prior`
+    before any run."""
+
+    def __init__(self, prior: float = PRIOR_WORK_PER_S, window: int = RATE_WINDOW_RUNS) -> None:
+        self._prior = prior
+        self._runs: deque[tuple[int, float]] = deque(maxlen=window)
+
+    def observe(self, work: int, seconds: float) -> None:
+        self._runs.append((work, max(seconds, 1e-6)))
+
+    def per_second(self) -> float:
+        if not self._runs:
+            return self._prior
+        return sum(w for w, _ in self._runs) / sum(s for _, s in self._runs)
 
 
-def largest_run_per_job(num_jobs: int, runs: Sequence[Run]) -> list[int]:
-    """For each job, the image count of the largest run it took part in (reported in timings)."""
-    sizes = [0] * num_jobs
-    for run in runs:
-        for job_index in {job_index for job_index, _ in run.slots}:
-            sizes[job_index] = max(sizes[job_index], run.num_images)
-    return sizes
+def admission(queued_work: int, work: int, rate: float, horizon_s: float) -> float | None:
+    """None to admit `work` behind `queued_work`; else the seconds until enough of the queue has
+    been sampled at `rate` for it to fit within `horizon_s` (at least 1)."""
+    excess = queued_work + work - rate * horizon_s
+    if queued_work == 0 or excess <= 0:
+        return None
+    return max(1.0, math.ceil(excess / rate))
 
 
-class RunCoalescer(Generic[Item, Result]):
-    """One sampler run at a time, each taking everything that waits for the model (oldest first).
+class TurnModel(Protocol):
+    """The model a turn samples with, taken when the turn starts (a hot swap affects later turns)."""
 
-    Ray Serve's `@serve.batch` closes a batch when its wait window ends, even while the previous
-    batch is still sampling, and the closed batches then queue one behind the other. Under sustained
-    load every batch is thus only what arrives in one window: measured at 32 concurrent 1-image
-    clients, 6-8 images where 32 were allowed. With `@serve.batch(max_concurrent_batches=...)` large,
-    each closed batch instead hands its items here (`run`); whichever batch gets the model next
-    takes every waiting item, oldest first, up to `max_weight` (never skipping one, so nothing
-    starves), and answers them all. What piles up during one run goes into the next one together.
-    """
+    ref: ModelRef
 
-    def __init__(self, weight: Callable[[Item], int]) -> None:
-        """`weight(item)` is what an item counts towards a run's `max_weight` (its images)."""
-        self._weight = weight
-        self._waiting: deque[tuple[Item, asyncio.Future]] = deque()
-        self._model = asyncio.Lock()
+    def sample(self, run: Run) -> np.ndarray:
+        """(run.num_images, C, H, W) float32 in [0, 1]; blocking (runs in a worker thread)."""
+        ...
 
-    async def run(self, items: Sequence[Item], max_weight: int,
-                  sample: Callable[[list[Item]], Awaitable[list[Result]]]) -> list[Result]:
-        """The results of `items` (in order), computed by `sample` together with whatever else waits.
 
-        An exception raised by `sample` is raised for every item of that run, here or in the batch
-        that submitted it.
-        """
-        loop = asyncio.get_running_loop()
-        futures = [loop.create_future() for _ in items]
-        self._waiting.extend(zip(items, futures, strict=True))
-        while not all(f.done() for f in futures):
-            async with self._model:
-                taken = self._take(max_weight)
-                if taken:
-                    await self._sample(taken, sample)
-        return [f.result() for f in futures]
+@dataclass(frozen=True)
+class BatcherStats:
+    queued_jobs: int
+    queued_work: int
+    work_per_s: float
+    runs: int
+    images_sampled: int
+    jobs_cancelled: int
+    jobs_refused: int
+    failing_runs: int
 
-    def _take(self, max_weight: int) -> list[tuple[Item, asyncio.Future]]:
-        taken, weight = [], 0
-        while self._waiting and (not taken or weight + self._weight(self._waiting[0][0]) <= max_weight):
-            entry = self._waiting.popleft()
-            taken.append(entry)
-            weight += self._weight(entry[0])
+
+@dataclass(eq=False)
+class _Waiting:
+    job: GenerationJob
+    arrived: float
+    future: asyncio.Future[JobResult]
+    images: np.ndarray | None = None
+    filled: int = 0
+    largest_run: int = 0
+    settled: bool = False
+
+
+class Batcher:
+    """See the module docstring. Use from one event loop (the replica's)."""
+
+    def __init__(self, model: Callable[[], TurnModel], max_images: int, wait_s: float,
+                 horizon_s: float, rate: WorkRate | None = None) -> None:
+        """`model()` returns the model to sample the next turn with."""
+        self._model = model
+        self.configure(max_images, wait_s, horizon_s)
+        self._rate = rate or WorkRate()
+        self._queue: deque[_Waiting] = deque()
+        self._queued_work = 0
+        self._wake = asyncio.Event()
+        self._free_since = -math.inf
+        self._worker: asyncio.Task | None = None
+        self._counts = {"runs": 0, "images_sampled": 0, "jobs_cancelled": 0, "jobs_refused": 0}
+        self.failing_runs = 0
+
+    def configure(self, max_images: int, wait_s: float, horizon_s: float) -> None:
+        """New limits; they apply from the next turn."""
+        if max_images < 1:
+            raise ValueError(f"max_images: must be >= 1, got {max_images}")
+        self._max_images, self._wait_s, self._horizon_s = max_images, wait_s, horizon_s
+
+    def stats(self) -> BatcherStats:
+        return BatcherStats(queued_jobs=len(self._queue), queued_work=self._queued_work,
+                            work_per_s=self._rate.per_second(), failing_runs=self.failing_runs,
+                            **self._counts)
+
+    async def submit(self, job: GenerationJob) -> JobResult:
+        """The job's images once its turn has sampled them, or why not."""
+        retry_after = admission(self._queued_work, job.work, self._rate.per_second(), self._horizon_s)
+        if retry_after is not None:
+            self._counts["jobs_refused"] += 1
+            return Failure("overloaded", "overloaded: the queued work would not finish within the "
+                           "request timeout; retry later", retry_after_s=retry_after)
+        waiting = _Waiting(job, time.monotonic(), asyncio.get_running_loop().create_future())
+        self._queue.append(waiting)
+        self._queued_work += job.work
+        self._wake.set()
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._work())
+        try:
+            return await waiting.future
+        except asyncio.CancelledError:
+            self._cancel(waiting)
+            raise
+
+    def _cancel(self, waiting: _Waiting) -> None:
+        """The caller went away: out of the queue now; a turn that holds it skips its images."""
+        if not waiting.settled:
+            self._counts["jobs_cancelled"] += 1
+        if waiting in self._queue:
+            self._queue.remove(waiting)
+        self._settle(waiting)
+
+    def _settle(self, waiting: _Waiting, result: JobResult | None = None) -> None:
+        if result is not None and not waiting.future.done():
+            waiting.future.set_result(result)
+        if not waiting.settled:
+            waiting.settled = True
+            self._queued_work -= waiting.job.work
+
+    async def _work(self) -> None:
+        while True:
+            taken = await self._next_turn()
+            if not taken:
+                continue
+            try:
+                await self._turn(taken)
+            except Exception:
+                logger.exception("sampling turn failed")
+                for waiting in taken:
+                    self._settle(waiting, Failure("model_error", "model: sampling failed; see the "
+                                                  "replica's log"))
+            self._free_since = time.monotonic()
+
+    async def _next_turn(self) -> list[_Waiting]:
+        while not self._queue:
+            self._wake.clear()
+            await self._wake.wait()
+        start = max(self._queue[0].arrived, self._free_since) + self._wait_s
+        while self._queue and self._waiting_images() < self._max_images:
+            remaining = start - time.monotonic()
+            if remaining <= 0:
+                break
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), remaining)
+            except TimeoutError:
+                break
+        return self._take()
+
+    def _waiting_images(self) -> int:
+        return sum(waiting.job.num_images for waiting in self._queue)
+
+    def _take(self) -> list[_Waiting]:
+        taken, images = [], 0
+        while self._queue and (not taken or images + self._queue[0].job.num_images <= self._max_images):
+            waiting = self._queue.popleft()
+            taken.append(waiting)
+            images += waiting.job.num_images
         return taken
 
-    @staticmethod
-    async def _sample(taken: list[tuple[Item, asyncio.Future]],
-                      sample: Callable[[list[Item]], Awaitable[list[Result]]]) -> None:
-        futures = [future for _, future in taken]
+    async def _turn(self, taken: list[_Waiting]) -> None:
+        model, started = self._model(), time.monotonic()
+        runs = plan_runs([waiting.job for waiting in taken], self._max_images)
+        total = sum(run.num_images for run in runs)
+        for planned in runs:
+            run = planned.without({i for i, waiting in enumerate(taken) if waiting.future.done()})
+            if run.num_images == 0:
+                continue  # every job of this run was cancelled or has failed
+            images = await self._sample(model, run, taken)
+            if images is not None:
+                self._fill(run, images, taken, model.ref, started, total)
+
+    async def _sample(self, model: TurnModel, run: Run, taken: list[_Waiting]) -> np.ndarray | None:
+        """The run's images, or None after failing its jobs."""
+        run_started = time.monotonic()
         try:
-            results = await sample([item for item, _ in taken])
-            for future, result in zip(futures, results, strict=True):
-                if not future.done():
-                    future.set_result(result)
-        except asyncio.CancelledError:
-            # The batch running this was cancelled: the other batches' items must not wait forever.
-            _fail(futures, RuntimeError("the sampling run was cancelled"))
-            raise
-        except Exception as err:  # noqa: BLE001 - re-raised for each item by its own batch
-            _fail(futures, err)
+            images = await asyncio.to_thread(model.sample, run)
+        except ConfigError as err:  # the sampler refused these settings: the request's fault
+            self._fail(run, taken, Failure("invalid", str(err)))
+            return None
+        except Exception as err:
+            logger.exception("sampling run of %d images failed", run.num_images)
+            self.failing_runs += 1
+            self._fail(run, taken, Failure("model_error", f"model: sampling failed ({type(err).__name__})"))
+            return None
+        self._rate.observe(run.work, time.monotonic() - run_started)
+        self._counts["runs"] += 1
+        self._counts["images_sampled"] += run.num_images
+        finite = np.isfinite(images.reshape(len(images), -1)).all(axis=1)
+        self.failing_runs = 0 if finite.all() else self.failing_runs + 1
+        bad_jobs = {job_index for (job_index, _), ok in zip(run.slots, finite, strict=True) if not ok}
+        if bad_jobs:
+            logger.error("the model produced non-finite values for %d of %d images", int((~finite).sum()),
+                         run.num_images)
+            self._fail(run, taken, Failure("model_output", "model: the sampler produced non-finite values "
+                                           "(NaN or infinity); the served model version is broken"),
+                       only=bad_jobs)
+        return images
 
+    def _fail(self, run: Run, taken: list[_Waiting], failure: Failure, only: set[int] | None = None) -> None:
+        for job_index in {job_index for job_index, _ in run.slots}:
+            if only is None or job_index in only:
+                self._settle(taken[job_index], failure)
 
-def _fail(futures: list[asyncio.Future], err: BaseException) -> None:
-    for future in futures:
-        if not future.done():
-            future.set_exception(err)
-
+    def _fill(self, run: Run, images: np.ndarray, taken: list[_Waiting], ref: ModelRef, started: float,
+              total: int) -> None:
+        """Copy the run's images into their jobs; answer each job whose images are all there."""
+        for (job_index, image_index), image in zip(run.slots, images, strict=True):
+            waiting = taken[job_index]
+            if waiting.future.done():
+                continue
+            if waiting.images is None:
+                waiting.images = np.empty((waiting.job.num_images, *images.shape[1:]), dtype=images.dtype)
+            waiting.images[image_index] = image
+            waiting.filled += 1
+            waiting.largest_run = max(waiting.largest_run, run.num_images)
+            if waiting.filled == waiting.job.num_images:
+                now = time.monotonic()
+                timings = SamplingTimings(queue_s=started - waiting.arrived, sampling_s=now - started,
+                                          model_s=now - waiting.arrived, batch_images=waiting.largest_run,
+                                          batch_total_images=total)
+                self._settle(waiting, Generated(ref, waiting.images, timings))

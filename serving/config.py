@@ -15,15 +15,32 @@ Where each knob lives:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Self
+from typing import Annotated, Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, model_validator
 
+from diffusion_core.redact import has_credentials, redact_uri, strip_credentials
 from diffusion_core.sampling_defaults import DEFAULT_SAMPLER, DEFAULT_STEPS, SamplerName
 
 SERVE_CONFIG_PATH = Path(__file__).with_name("serve_config.yaml")
 MODEL_DEPLOYMENT = "DiffusionModel"
 INGRESS_DEPLOYMENT = "GenerationIngress"
+
+
+def without_credentials(uri: str | None) -> str | None:
+    """`uri` without user info; a secret left in its query is masked (the URI then no longer
+    authenticates, which is the point: secrets travel through the environment)."""
+    if not uri:
+        return uri
+    stripped = strip_credentials(uri)
+    return redact_uri(stripped) if has_credentials(stripped) else stripped
+
+
+# A tracking URI serialised to JSON, which is how it reaches a Serve app's args and the model
+# deployment's user_config (Serve records both and shows them in its status and dashboard): without
+# credentials. Replicas read them from their environment, as MLflow does: MLFLOW_TRACKING_USERNAME /
+# MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN. In this process the URI stays as given.
+TrackingUri = Annotated[str | None, PlainSerializer(without_credentials, when_used="json")]
 
 
 class ModelSelection(BaseModel):
@@ -35,7 +52,7 @@ class ModelSelection(BaseModel):
     model_name: str = Field(min_length=1)
     alias: str | None = Field(None, description="registry alias; resolved when version is None")
     version: str | None = Field(None, description="pinned registry version (wins over alias)")
-    tracking_uri: str | None = Field(None, description="MLflow tracking URI; None -> MLflow's default")
+    tracking_uri: TrackingUri = Field(None, description="MLflow tracking URI; None -> MLflow's default")
     checkpoint_dir: str | None = Field(None, description="local checkpoint instead of the registry")
 
     @model_validator(mode="after")
@@ -55,15 +72,17 @@ class ModelDeploymentConfig(BaseModel):
     device: str = Field(description="torch device: cpu, cuda, cuda:0 ...")
     max_images_per_batch: int = Field(ge=1, description="images in one reverse-sampling run")
     batch_wait_timeout_s: float = Field(ge=0.0, le=10.0)
+    request_timeout_s: float = Field(gt=0.0, description="queued work must be able to finish within it")
 
 
 class ServeSettings(BaseModel):
     """Section `serve` of the config file and the args of `serving.app:build_app`.
 
-    The per-request cost cap is `num_images * steps <= max_work`. `max_ongoing_requests` and
-    `max_queued_requests` bound the model deployment: beyond ongoing + queued requests the ingress
-    answers 503 at once instead of queueing without limit. These fields are the one source of
-    defaults: the deployment decorators take theirs from here (`settings_default`).
+    The per-request cost cap is `num_images * steps <= max_work` ("work": image-steps). Two bounds
+    keep the queue short: the model replica admits a request only while the work queued ahead of it
+    can be sampled within `request_timeout_s` at its recent rate (else 503 with Retry-After), and
+    `max_ongoing_requests` + `max_queued_requests` bound how many requests Serve holds for it (beyond
+    them the ingress answers 503 at once). These fields are the one source of defaults.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -72,7 +91,7 @@ class ServeSettings(BaseModel):
     model_name: str = Field("diffusion-digits", min_length=1)
     alias: str | None = "champion"
     version: str | None = None
-    tracking_uri: str | None = None
+    tracking_uri: TrackingUri = None
     checkpoint_dir: str | None = None
     device: str = "cpu"
     # HTTP.
@@ -81,6 +100,9 @@ class ServeSettings(BaseModel):
     port: int = Field(8000, ge=1, le=65535)
     route_prefix: str = Field("/", pattern=r"^/")
     api_key_env: str | None = Field(None, description="name of the env var holding the bearer token")
+    max_body_bytes: int = Field(
+        16 * 1024, ge=1024, description="larger request bodies get 413 before they are parsed (a "
+        "request of max_images_per_request labels needs well under 1 KiB)")
     # Per-request limits.
     max_images_per_request: int = Field(64, ge=1)
     max_steps: int = Field(200, ge=1)
@@ -90,8 +112,9 @@ class ServeSettings(BaseModel):
     # Batching and back-pressure.
     max_images_per_batch: int = Field(32, ge=1)
     batch_wait_timeout_s: float = Field(
-        0.05, ge=0.0, le=10.0, description="how long a batch waits to fill; under load, a longer wait "
-        "packs larger runs (measured in benchmarks/serve.py); an idle server adds it to latency")
+        0.005, ge=0.0, le=10.0, description="once the model is free, how long the next run waits for "
+        "more requests unless max_images_per_batch images already wait (serving.batching); an idle "
+        "server adds it to latency, and what queues during a run joins the next one without it")
     max_ongoing_requests: int | None = Field(
         None, ge=1, description="model deployment; None -> 2 * max_images_per_batch (a running batch "
         "plus a full next one), since Serve's default of 5 would silently cap batches")
@@ -106,8 +129,9 @@ class ServeSettings(BaseModel):
         256, ge=1, description="ingress: requests the proxy holds beyond the ongoing ones, then 503")
     request_timeout_s: float = Field(
         300.0, gt=0.0, description="deadline for the ingress's wait on the model deployment (queue + "
-        "sampling): past it /generate answers 504 and /model 503 instead of hanging, e.g. while no "
-        "model replica is healthy. Keep it above the worst case max_work takes on the slowest device")
+        "sampling): past it /generate answers 504 (and drops the request's images from the queue) and "
+        "/model 503 instead of hanging, e.g. while no model replica is healthy. The model replica "
+        "admits only the work it can finish within it. Keep it above what max_work takes alone")
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Self:
@@ -135,14 +159,10 @@ class ServeSettings(BaseModel):
         return ModelDeploymentConfig(
             model=self.model_selection(), device=self.device,
             max_images_per_batch=self.max_images_per_batch, batch_wait_timeout_s=self.batch_wait_timeout_s,
+            request_timeout_s=self.request_timeout_s,
         )
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}{self.route_prefix.rstrip('/')}"
 
-
-def settings_default(field: str) -> Any:
-    """The ServeSettings default of `field`, for decorator arguments that Serve needs at import time
-    (build_app and reconfigure then set the configured values)."""
-    return ServeSettings.model_fields[field].default

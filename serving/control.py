@@ -22,6 +22,7 @@ from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
 from diffusion_core.errors import ConfigError
+from diffusion_core.redact import has_credentials, redact_uri
 from serving.config import (
     MODEL_DEPLOYMENT,
     SERVE_CONFIG_PATH,
@@ -69,12 +70,22 @@ def serve_deploy_config(settings: ServeSettings, base: dict[str, Any] | None = N
     (callers build `settings` on top of the file's args: see `settings_fields`), and the name, route
     prefix and HTTP host/port taken from `settings`; deployment options (replicas, actor options)
     stay as in `base`."""
+    _warn_if_credentials(settings.tracking_uri)
     config = copy.deepcopy(base if base is not None else load_serve_config())
     app = _single_app(config)
     app.update(name=settings.app_name, route_prefix=settings.route_prefix,
                args=settings.model_dump(mode="json"))
     config.setdefault("http_options", {}).update(host=settings.host, port=settings.port)
     return config
+
+
+def _warn_if_credentials(tracking_uri: str | None) -> None:
+    """Args and user_config carry the tracking URI without credentials (config.TrackingUri)."""
+    if tracking_uri and has_credentials(tracking_uri):
+        logger.warning("tracking_uri %s carries credentials: the Serve app gets it without them; give the "
+                       "replicas MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN "
+                       "in their environment (runtime_env env_vars or a Kubernetes Secret)",
+                       redact_uri(tracking_uri))
 
 
 def _client() -> Any:
@@ -143,6 +154,7 @@ def running_app_names() -> list[str]:
 
 def _with_model(app_config: dict[str, Any], selection: ModelSelection) -> dict[str, Any]:
     """`app_config` with the model deployment's user_config pointing at `selection`."""
+    _warn_if_credentials(selection.tracking_uri)
     app_config = copy.deepcopy(app_config)
     settings = ServeSettings.model_validate(app_config.get("args") or {})
     deployments = app_config.setdefault("deployments", [])

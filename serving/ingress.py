@@ -1,68 +1,84 @@
 """The HTTP ingress: validates and shapes requests; the model deployment batches and computes.
 
-Routes (relative to the app's route prefix; OpenAPI docs at /docs):
-  POST /generate   GenerateRequest -> GenerateResponse   (bearer token when an API key is configured)
-  GET  /model      ModelInfo of the version being served  (bearer token when configured)
-  GET  /healthz    200 once a model is loaded, 503 before (never needs a token: it is the probe)
+It imports neither torch nor the model (tools/import_graph.py checks), so it stays a light process.
 
-Errors: 400 for a body that is not JSON, 422 naming the field and the accepted range for any other
-bad input, 401 for a missing or wrong token, 503 (with Retry-After) when the model deployment's
-bounded queue is full or its replica failed (Ray error), 504 when /generate got no answer within
-`request_timeout_s` (and 503 for /model), so that nothing hangs while no model replica is healthy.
+Routes (relative to the app's route prefix):
+  POST /generate       GenerateRequest -> GenerateResponse
+  GET  /model          ModelInfo of the version being served
+  GET  /healthz        {"status": "ready"} once a healthy model replica answers, 503 before (the probe)
+  GET  /docs, /openapi.json
+When an API key is configured every route but /healthz needs `Authorization: Bearer <key>`.
+
+Before a body is read, `http_guard.RequestGuard` answers 401 (token), 415 (not JSON) and 413 (too
+large). The body is then validated against `schemas.request_model(settings)`: strict JSON types,
+ranges from the settings (the same ones the OpenAPI schema shows), and the rules that combine
+fields. A bad request gets 400 (not JSON) or 422 with one line per problem naming the field and the
+rule. What the model deployment answers is a typed `jobs.JobResult`; `HTTP_STATUS` maps each failure
+kind to its status, in one place.
 """
-
 
 import asyncio
 import base64
 import logging
+import math
 import os
 import secrets
 import time
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, Header, HTTPException, Request
+from fastapi import FastAPI, Security
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPBearer
+from pydantic import BaseModel
 from ray import serve
 from ray.exceptions import RayError
-from ray.serve.exceptions import BackPressureError
-from ray.serve.handle import DeploymentHandle
+from ray.serve.exceptions import BackPressureError, RayServeException
+from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from diffusion_core.errors import ConfigError
 from diffusion_core.images import encode_png, to_uint8
-from serving.batching import GenerationJob
 from serving.config import INGRESS_DEPLOYMENT, ServeSettings
-from serving.model_deployment import JobOutcome
-from serving.schemas import GenerateRequest, GenerateResponse, ModelInfo, Timings
-from serving.validation import effective_sampler, effective_steps, limit_errors
+from serving.http_guard import RequestGuard
+from serving.jobs import Failure, FailureKind, Generated, GenerationJob
+from serving.schemas import GenerateRequest, GenerateResponse, Health, ModelInfo, Timings, request_model
 
 logger = logging.getLogger(__name__)
 
 HEALTH_TIMEOUT_S = 5.0  # a probe answers fast or not at all; request_timeout_s is for real work
-RETRY_LATER = {"Retry-After": "1"}
+MAX_PROBLEMS = 5  # lines in one 422 answer: enough to fix a request, bounded whatever was sent
+PUBLIC_PATHS = frozenset({"/healthz"})
 
-api = FastAPI(
-    title="Diffusion generation",
-    description="Batched reverse sampling of a registered diffusion model. Image i of a request uses "
-    "seed + i (a random base seed when seed is null); the seeds used are returned.",
-)
-
-
-def _field_name(loc: tuple[Any, ...]) -> str:
-    parts = [str(p) for p in loc if p != "body"]
-    return ".".join(parts) or "body"
+HTTP_STATUS: dict[FailureKind, int] = {
+    "invalid": 422, "overloaded": 503, "unavailable": 503, "timeout": 504,
+    "model_output": 500, "model_error": 500,
+}
 
 
-@api.exception_handler(RequestValidationError)
-async def _invalid_request(request: Request, err: RequestValidationError) -> JSONResponse:
-    """One readable line per problem: `field: message (got value)`; 400 when the body is not JSON."""
-    problems = err.errors()
-    if any(p["type"] == "json_invalid" for p in problems):
-        return JSONResponse(status_code=400, content={"detail": "body: not valid JSON; accepted: a JSON "
-                                                                "object with the GenerateRequest fields"})
-    detail = "; ".join(f"{_field_name(p['loc'])}: {p['msg']} (got {p.get('input')!r})" for p in problems)
-    return JSONResponse(status_code=422, content={"detail": detail})
+class ErrorBody(BaseModel):
+    detail: str
+
+
+def error_response(failure: Failure) -> JSONResponse:
+    headers = {} if failure.retry_after_s is None else {"Retry-After": str(math.ceil(failure.retry_after_s))}
+    return JSONResponse({"detail": failure.message}, status_code=HTTP_STATUS[failure.kind], headers=headers)
+
+
+def describe_problem(problem: dict[str, Any], fields: list[str]) -> str:
+    """One 422 line: `field: rule`. Built from the field's name and the rule only, never from the
+    input (pydantic's messages for the types used here quote none)."""
+    cause = (problem.get("ctx") or {}).get("error")
+    if isinstance(cause, ConfigError):  # a cross-field rule that already names its field
+        return str(cause)
+    loc = [str(part) for part in problem["loc"] if part != "body"]
+    if not loc:
+        return f"body: {problem['msg']}; accepted: a JSON object with the GenerateRequest fields"
+    if loc[0] not in fields:
+        return f"body: unknown field; accepted fields: {', '.join(fields)}"
+    if problem["type"] == "too_long":
+        return f"{loc[0]}: too many items; accepted: at most {problem['ctx']['max_length']}"
+    return f"{'.'.join(loc)}: {problem['msg']}"
 
 
 def encode_images(images: np.ndarray, fmt: str) -> list[Any]:
@@ -78,6 +94,13 @@ def draw_seeds(seed: int | None, num_images: int) -> tuple[int, ...]:
     return tuple(range(base, base + num_images))
 
 
+def to_job(request: GenerateRequest) -> GenerationJob:
+    """A request validated by `request_model` (server defaults filled in) -> the job to sample."""
+    return GenerationJob(steps=request.steps, sampler=request.sampler, guidance_scale=request.guidance_scale,
+                         eta=request.eta, seeds=draw_seeds(request.seed, request.num_images),
+                         labels=None if request.labels is None else tuple(request.labels))
+
+
 def read_api_key(env_name: str | None) -> str | None:
     if env_name is None:
         return None
@@ -88,87 +111,116 @@ def read_api_key(env_name: str | None) -> str | None:
     return key
 
 
+async def ask_model(call: DeploymentResponse, what: str, timeout_s: float) -> Any:
+    """The model deployment's answer, or a Failure: a full queue or a failed replica (any Ray or
+    Serve error, e.g. ActorDiedError) is "unavailable", no answer within `timeout_s` a "timeout". A call that
+    times out or whose caller goes away is cancelled, which drops its job from the replica's queue."""
+    try:
+        return await asyncio.wait_for(call, timeout_s)
+    except BackPressureError:
+        return Failure("unavailable", "overloaded: the generation queue is full; retry later",
+                       retry_after_s=1)
+    except (RayError, RayServeException) as err:
+        logger.warning("%s: model deployment failed: %s", what, err)
+        return Failure("unavailable", f"{what}: the model deployment failed ({type(err).__name__}); "
+                       "retry later", retry_after_s=1)
+    except TimeoutError:
+        call.cancel()
+        return Failure("timeout", f"{what}: no answer from the model deployment within {timeout_s:g}s; "
+                       "no healthy replica, or overloaded", retry_after_s=1)
+    except asyncio.CancelledError:
+        call.cancel()
+        raise
+
+
+def build_api(model: DeploymentHandle, settings: ServeSettings, api_key: str | None) -> FastAPI:
+    """The FastAPI app of one ingress replica: routes, validation and the request guard."""
+    Request = request_model(settings)  # noqa: N806 - a class, used as the body's annotation
+    fields = list(GenerateRequest.model_fields)
+    guarded = [Security(HTTPBearer(auto_error=False))] if api_key else []  # documents the scheme;
+    # RequestGuard has checked the token before the body was read
+    errors = {status: {"model": ErrorBody} for status in (400, 401, 413, 415, 422, 500, 503, 504)}
+    api = FastAPI(title="Diffusion generation", description=(
+        "Batched reverse sampling of a registered diffusion model. Image i of a request uses seed + i "
+        "(a random base seed when seed is null); the seeds used are returned."))
+    api.add_middleware(RequestGuard, api_key=api_key, max_body_bytes=settings.max_body_bytes,
+                       public_paths=PUBLIC_PATHS)
+    _publish_exact_request_schema(api, Request)
+
+    @api.exception_handler(RequestValidationError)
+    async def invalid_request(_: Any, err: RequestValidationError) -> JSONResponse:
+        problems = err.errors()
+        if any(p["type"] == "json_invalid" for p in problems):
+            return JSONResponse({"detail": "body: not valid JSON; accepted: a JSON object with the "
+                                 "GenerateRequest fields"}, status_code=400)
+        lines = [describe_problem(p, fields) for p in problems[:MAX_PROBLEMS]]
+        if len(problems) > MAX_PROBLEMS:
+            lines.append(f"and {len(problems) - MAX_PROBLEMS} more problems")
+        return JSONResponse({"detail": "; ".join(lines)}, status_code=422)
+
+    @api.get("/healthz", response_model=Health, responses={503: {"model": ErrorBody}})
+    async def healthz() -> Any:
+        answer = await ask_model(model.check_health.remote(), "healthz", HEALTH_TIMEOUT_S)
+        if isinstance(answer, Failure):
+            return JSONResponse({"detail": "not ready"}, status_code=503, headers={"Retry-After": "1"})
+        return Health(status="ready")
+
+    @api.get("/model", response_model=ModelInfo, dependencies=guarded, responses=errors)
+    async def model_info() -> Any:
+        answer = await ask_model(model.describe.remote(), "model", settings.request_timeout_s)
+        return error_response(answer) if isinstance(answer, Failure) else answer
+
+    @api.post("/generate", response_model=GenerateResponse, dependencies=guarded, responses=errors)
+    async def generate(request: Request) -> Any:
+        started = time.perf_counter()
+        job = to_job(request)
+        result = await ask_model(model.generate.remote(job), "generate", settings.request_timeout_s)
+        if isinstance(result, Failure):
+            return error_response(result)
+        handle_s = time.perf_counter() - started
+        return _response(request, job, result, handle_s, started)
+
+    return api
+
+
+def _publish_exact_request_schema(api: FastAPI, request: type[GenerateRequest]) -> None:
+    """/openapi.json with pydantic's own schema of the request body: FastAPI's OpenAPI models store
+    numeric bounds as floats, which would round the seed's maximum (2**63 - 1) up to 2**63."""
+    generate_openapi = api.openapi
+
+    def openapi() -> dict[str, Any]:
+        if api.openapi_schema is None:
+            document = generate_openapi()
+            document["components"]["schemas"]["GenerateRequest"] = request.model_json_schema(
+                ref_template="#/components/schemas/{model}")
+        return api.openapi_schema
+
+    api.openapi = openapi
+
+
+def _response(request: GenerateRequest, job: GenerationJob, result: Generated, handle_s: float,
+              started: float) -> Response:
+    images, sampled = encode_images(result.images, request.format), result.timings
+    body = GenerateResponse(
+        model=result.model, seeds=list(job.seeds), labels=None if job.labels is None else list(job.labels),
+        shape=list(result.images.shape), format=request.format, images=images,
+        timings=Timings(queue_s=sampled.queue_s, sampling_s=sampled.sampling_s, model_s=sampled.model_s,
+                        handle_s=handle_s, total_s=time.perf_counter() - started,
+                        batch_images=sampled.batch_images, batch_total_images=sampled.batch_total_images),
+    )
+    return Response(body.model_dump_json(), media_type="application/json")
+
+
 # Queue bounds are set by serving.app.build_app from ServeSettings.
 @serve.deployment(name=INGRESS_DEPLOYMENT)
-@serve.ingress(api)
+@serve.ingress()
 class GenerationIngress:
+    """The app is built per replica (`__serve_build_asgi_app__`, called by Serve after __init__),
+    because its request schema and guard follow the settings."""
+
     def __init__(self, model: DeploymentHandle, settings: dict[str, Any]) -> None:
-        self._model = model
-        self._settings = ServeSettings.model_validate(settings)
-        self._api_key = read_api_key(self._settings.api_key_env)
+        settings = ServeSettings.model_validate(settings)
+        self._api = build_api(model, settings, read_api_key(settings.api_key_env))
 
-    def _authorize(self, authorization: str | None) -> None:
-        if self._api_key is None:
-            return
-        scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.encode(), self._api_key.encode()):
-            raise HTTPException(401, "authorization: missing or wrong bearer token",
-                                headers={"WWW-Authenticate": "Bearer"})
-
-    async def _ask_model(self, call: Any, what: str, timeout_s: float, timeout_status: int) -> Any:
-        """Await a model deployment call: a full queue or a failed replica (any Ray error, e.g.
-        ActorDiedError) -> 503, no answer within `timeout_s` -> `timeout_status`."""
-        try:
-            return await asyncio.wait_for(call, timeout_s)
-        except BackPressureError:
-            raise HTTPException(503, "overloaded: the generation queue is full; retry later",
-                                headers=RETRY_LATER) from None
-        except RayError as err:
-            logger.warning("%s: model deployment failed: %s", what, err)
-            raise HTTPException(503, f"{what}: the model deployment failed ({type(err).__name__}); "
-                                "retry later", headers=RETRY_LATER) from None
-        except TimeoutError:
-            raise HTTPException(timeout_status, f"{what}: no answer from the model deployment within "
-                                f"{timeout_s:g}s; no healthy replica, or overloaded",
-                                headers=RETRY_LATER) from None
-
-    @api.get("/healthz")
-    async def healthz(self) -> dict[str, Any]:
-        try:
-            info = await self._ask_model(self._model.describe.remote(), "healthz", HEALTH_TIMEOUT_S, 503)
-        except HTTPException as err:
-            raise HTTPException(503, f"not ready: {err.detail}") from None
-        return {"status": "ready", "model": info.name, "version": info.version}
-
-    @api.get("/model", response_model=ModelInfo)
-    async def model(self, authorization: str | None = Header(None)) -> ModelInfo:
-        self._authorize(authorization)
-        return await self._ask_model(self._model.describe.remote(), "model",
-                                     self._settings.request_timeout_s, 503)
-
-    @api.post("/generate", response_model=GenerateResponse)
-    async def generate(self, request: GenerateRequest,
-                       authorization: str | None = Header(None)) -> GenerateResponse:
-        started = time.perf_counter()
-        self._authorize(authorization)
-        job = self._job(request)
-        outcome: JobOutcome = await self._ask_model(self._model.generate.remote(job), "generate",
-                                                    self._settings.request_timeout_s, 504)
-        if outcome.error:
-            raise HTTPException(422, outcome.error)
-        return self._response(request, job, outcome, time.perf_counter() - started)
-
-    def _job(self, request: GenerateRequest) -> GenerationJob:
-        errors = limit_errors(request, self._settings)
-        if errors:
-            raise HTTPException(422, "; ".join(errors))
-        settings = self._settings
-        return GenerationJob(
-            steps=effective_steps(request, settings), sampler=effective_sampler(request, settings),
-            guidance_scale=request.guidance_scale, eta=request.eta,
-            seeds=draw_seeds(request.seed, request.num_images),
-            labels=tuple(request.labels) if request.labels is not None else None,
-        )
-
-    @staticmethod
-    def _response(request: GenerateRequest, job: GenerationJob, outcome: JobOutcome,
-                  total_s: float) -> GenerateResponse:
-        images = outcome.images
-        return GenerateResponse(
-            model=outcome.model, seeds=list(job.seeds),
-            labels=list(job.labels) if job.labels is not None else None,
-            shape=list(images.shape), format=request.format, images=encode_images(images, request.format),
-            timings=Timings(queue_s=outcome.queue_s, sampling_s=outcome.sampling_s, total_s=total_s,
-                            batch_images=outcome.batch_images,
-                            batch_total_images=outcome.batch_total_images),
-        )
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return self._api

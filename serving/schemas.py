@@ -6,29 +6,82 @@ random base seed and returns the seeds it used, so that any image can be regener
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
-from diffusion_core.sampling_defaults import SamplerName
-from serving.config import ModelSelection
+from diffusion_core.errors import ConfigError
+from diffusion_core.sampling_defaults import (
+    ETA_SAMPLERS,
+    MAX_SEED,
+    NULL_LABEL,
+    SamplerName,
+    check_label_count,
+)
+from serving.config import ModelSelection, ServeSettings
+
+Label = Annotated[int, Field(ge=NULL_LABEL, description="a class of the model, or -1 (unconditional)")]
 
 
 class GenerateRequest(BaseModel):
-    """POST /generate. Every field has a default; ranges that depend on the server (num_images, steps,
-    num_images * steps, labels) are checked against its limits and the loaded model."""
+    """POST /generate. Every field has a default. Types are strict: `"num_images": "2"` or `true` is
+    refused, not converted. `request_model` narrows the ranges to a server's limits."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    num_images: int = Field(1, description="images to generate (1..max_images_per_request)")
-    steps: int | None = Field(None, description="sampler steps (1..max_steps); null -> server default")
-    sampler: SamplerName | None = Field(None, description="dpmpp_2m, ddim or ddpm; null -> server default")
+    num_images: int = Field(1, ge=1, description="images to generate")
+    steps: int | None = Field(None, ge=1, description="sampler steps; null -> server default")
+    sampler: SamplerName | None = Field(None, description="null -> server default")
     guidance_scale: float = Field(1.0, ge=0.0, le=50.0, allow_inf_nan=False,
                                   description="classifier-free guidance w (1 = no guidance)")
-    eta: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False, description="DDIM stochasticity")
-    labels: list[int] | None = Field(None, description="one class per image; null -> unconditional")
-    seed: int | None = Field(None, ge=0, description="image i uses seed + i; null -> random base seed")
+    eta: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False,
+                       description=f"stochasticity; non-zero only for {', '.join(ETA_SAMPLERS)}")
+    labels: list[Label] | None = Field(None, description="one class per image (exactly num_images); "
+                                       "null -> unconditional. Each must be a class of the served model")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="image i uses seed + i (seed + "
+                             "num_images - 1 at most MAX_SEED); null -> random base seed")
     format: Literal["png", "array"] = Field("png", description="base64 PNGs or floats in [0, 1]")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        check_label_count(self.labels, self.num_images)
+        if self.seed is not None and self.seed + self.num_images - 1 > MAX_SEED:
+            raise ConfigError(f"seed: seed + num_images - 1 must not exceed {MAX_SEED}")
+        if self.eta != 0.0 and self.sampler is not None and self.sampler not in ETA_SAMPLERS:
+            raise ConfigError(f"eta: only used by {', '.join(ETA_SAMPLERS)}; accepted: 0 for another sampler")
+        return self
+
+
+def request_model(settings: ServeSettings) -> type[GenerateRequest]:
+    """GenerateRequest within `settings`' limits, with null steps and sampler set to its defaults.
+
+    The ranges are in the schema (the OpenAPI document then says what this server accepts); the work
+    cap and the eta rule for the default sampler, which combine fields, are checked after.
+    """
+    max_images = settings.max_images_per_request
+
+    def within_limits(request: GenerateRequest) -> GenerateRequest:
+        request.steps = settings.default_steps if request.steps is None else request.steps
+        request.sampler = settings.default_sampler if request.sampler is None else request.sampler
+        if request.num_images * request.steps > settings.max_work:
+            raise ConfigError(f"num_images * steps: exceeds the per-request work cap; accepted: "
+                              f"<= {settings.max_work}")
+        if request.eta != 0.0 and request.sampler not in ETA_SAMPLERS:
+            raise ConfigError(f"eta: only used by {', '.join(ETA_SAMPLERS)}; accepted: 0 for sampler "
+                              f"{request.sampler}")
+        return request
+
+    return create_model(
+        "GenerateRequest", __base__=GenerateRequest,
+        __validators__={"_within_limits": model_validator(mode="after")(within_limits)},
+        num_images=(int, Field(1, ge=1, le=max_images, description="images to generate")),
+        steps=(int | None, Field(None, ge=1, le=settings.max_steps, description=(
+            f"sampler steps; null -> {settings.default_steps}. num_images * steps <= {settings.max_work}"))),
+        sampler=(SamplerName | None, Field(None, description=f"null -> {settings.default_sampler}")),
+        labels=(list[Label] | None, Field(None, max_length=max_images, description=(
+            "one class per image (exactly num_images); null -> unconditional. Each must be a class of "
+            "the served model (GET /model: num_classes)"))),
+    )
 
 
 class ModelRef(BaseModel):
@@ -38,11 +91,18 @@ class ModelRef(BaseModel):
 
 
 class Timings(BaseModel):
-    queue_s: float = Field(description="from arrival at the model replica to the start of its run")
-    sampling_s: float = Field(description="the reverse-sampling run(s) that produced the images")
-    total_s: float = Field(description="inside the ingress, end to end")
+    """Where a request's time went on the server. The rest of what a client measures is the HTTP
+    proxy, the network and the client itself."""
+
+    queue_s: float = Field(description="from arrival at the model replica to the start of its turn")
+    sampling_s: float = Field(description="from the start of its turn to its last image sampled")
+    model_s: float = Field(description="inside the model replica, arrival to answer")
+    handle_s: float = Field(description="the ingress's wait on the model deployment (model_s plus the "
+                            "handle call's transport)")
+    total_s: float = Field(description="inside the ingress, end to end (handle_s plus validation and "
+                           "encoding)")
     batch_images: int = Field(description="images in the largest run this request shared")
-    batch_total_images: int = Field(description="images in the whole batch (all its runs) this request "
+    batch_total_images: int = Field(description="images in the whole turn (all its runs) this request "
                                     "was part of; at most max(max_images_per_batch, the request's own)")
 
 
@@ -75,6 +135,12 @@ class ModelInfo(BaseModel):
     loaded_at: float
     replica: str = Field("", description="id of the Serve replica that answered (unchanged by a hot swap)")
     last_load_error: str | None = Field(None, description="a failed hot swap; the previous model is kept")
+
+
+class Health(BaseModel):
+    """GET /healthz: readiness only; what is served is at GET /model."""
+
+    status: Literal["ready"]
 
 
 class ReplicaLoadState(BaseModel):

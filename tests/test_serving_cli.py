@@ -64,25 +64,24 @@ def test_packaged_serve_config_leaves_the_tracking_uri_to_mlflow(monkeypatch):
     assert settings.tracking_uri is None and settings.max_images_per_batch == 32
 
 
-def test_deployment_decorators_take_their_defaults_from_serve_settings():
-    from serving.config import ServeSettings
+def test_the_serve_config_names_the_deployments_that_build_app_creates():
+    """Serve applies a config's deployment options (replicas, CPUs) by deployment name."""
+    from serving import control
     from serving.ingress import GenerationIngress
     from serving.model_deployment import DiffusionModel
 
-    defaults = ServeSettings()
-    batch = DiffusionModel.func_or_class._generate_batch
-    assert batch._get_max_batch_size() == defaults.max_images_per_batch
-    assert batch._get_batch_wait_timeout_s() == defaults.batch_wait_timeout_s
-    assert GenerationIngress.name == "GenerationIngress" and DiffusionModel.name == "DiffusionModel"
+    names = {d["name"] for d in control.load_serve_config()["applications"][0]["deployments"]}
+    assert names == {GenerationIngress.name, DiffusionModel.name} == {"GenerationIngress", "DiffusionModel"}
 
 
-def test_a_batch_counts_images_and_a_large_request_at_most_a_whole_batch():
-    from serving.batching import GenerationJob
-    from serving.model_deployment import _Pending, batch_weight
+def test_the_http_front_end_loads_neither_torch_nor_the_model():
+    """The ingress replicas validate and encode only: importing them must not load torch or the UNet."""
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    def pending(n: int, cap: int) -> _Pending:
-        job = GenerationJob(steps=4, sampler="ddim", guidance_scale=1.0, eta=0.0, seeds=tuple(range(n)))
-        return _Pending(job, 0.0, min(n, cap))
-
-    assert batch_weight([pending(1, 32), pending(12, 32), pending(3, 32)]) == 16
-    assert batch_weight([pending(64, 32)]) == 32  # fits a batch alone instead of being refused
+    heavy = ("torch", "serving.model_deployment", "diffusion_core.unet", "diffusion_core.samplers")
+    code = f"import sys, serving.ingress; print([m for m in {heavy!r} if m in sys.modules])"
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
