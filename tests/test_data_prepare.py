@@ -127,17 +127,22 @@ def test_every_shard_is_cut_into_full_row_groups(tmp_path: Path) -> None:
 
 
 def test_failure_mid_write_leaves_the_previous_dataset_intact(tmp_path: Path) -> None:
+    """An interruption after ~3000 of 5000 rows (here the progress callback raises, as Ctrl-C would)
+    leaves the published dataset byte for byte and no staging behind."""
     out = tmp_path / "ds"
     prepare(config(save_images(tmp_path / "good.npy", random_images(100)), out))
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    truncated = tmp_path / "truncated.npy"
-    save_images(truncated, random_images(5000, seed=9))
-    truncated.write_bytes(truncated.read_bytes()[: 3000 * 16 + 128])  # ~3000 rows written, then it ends
-    with pytest.raises(DatasetError, match="ends after"):
-        prepare(config(str(truncated), out, rows_per_row_group=100, rows_per_shard=500))
+    big = save_images(tmp_path / "big.npy", random_images(5000, seed=9))
+
+    def interrupt(consumed: int) -> None:
+        if consumed >= 3000:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        prepare(config(big, out, rows_per_row_group=100, rows_per_shard=500), progress=interrupt)
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "good.npy", "truncated.npy"]  # no staging
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.npy", "ds", "good.npy"]  # no staging
 
 
 def test_failed_swap_restores_the_previous_dataset(tmp_path: Path, monkeypatch) -> None:
@@ -151,7 +156,7 @@ def test_failed_swap_restores_the_previous_dataset(tmp_path: Path, monkeypatch) 
     real_rename = os.rename
 
     def staging_rename_fails(src, dst, *args, **kwargs):
-        if ".staging-" in str(src) and Path(dst) == out:
+        if ".ds.tmp-" in str(src) and Path(dst) == out:
             raise OSError("rename failed")
         return real_rename(src, dst, *args, **kwargs)
 
