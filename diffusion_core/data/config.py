@@ -71,8 +71,8 @@ class PrepareParameters(BaseModel):
     content_fingerprint_max_bytes: int = Field(
         4 * GIB, ge=0, description="source_fingerprint=auto hashes the content of sources up to this size")
     max_source_row_group_bytes: int = Field(
-        GIB, ge=1, description="Parquet sources whose row groups hold more bytes (uncompressed) in "
-        "the columns read are refused: a row group is read whole")
+        256 << 20, ge=1, description="Parquet sources whose row groups hold more bytes (uncompressed) "
+        "in the columns read are refused; batches are sized to stay within it")
 
     @model_validator(mode="after")
     def _shard_holds_whole_row_groups(self) -> PrepareParameters:

@@ -70,16 +70,18 @@ class PrepareResult(BaseModel):
     reused: bool
 
 
-def prepare(config: PrepareConfig, *, progress: Progress | None = None, force: bool = False) -> PrepareResult:
+def prepare(config: PrepareConfig, *, progress: Progress | None = None, force: bool = False,
+            filesystem: pafs.FileSystem | None = None) -> PrepareResult:
     """Prepare `config.source` into `config.output`; skip the work when it is already up to date.
 
     Up to date means: the output's manifest has the same source identity (fingerprint and its kind)
     and the same content parameters. `force` rebuilds regardless (the result is still published
-    atomically).
+    atomically). With `filesystem` (e.g. an S3FileSystem configured with credentials and an
+    endpoint), `config.output` is a path inside it rather than a URI.
     """
     params = config.parameters()
     source = open_source(config.source, params)
-    fs, root = resolve_uri(config.output)
+    fs, root = (filesystem, config.output) if filesystem is not None else resolve_uri(config.output)
     existing = _existing_manifest(fs, root, config.output)
     source_info = SourceInfo(kind=source.kind, location=source.location, fingerprint=source.fingerprint(),
                              fingerprint_kind=source.fingerprint_kind)

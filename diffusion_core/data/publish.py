@@ -27,6 +27,8 @@ version's shards deleted under it, as with the local swap; it reads the manifest
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import shutil
 import time
@@ -85,7 +87,15 @@ class LocalPublisher:
 
     def publish(self, manifest: DatasetManifest, replaced: DatasetManifest | None) -> None:
         atomic_write_bytes(Path(self.write_dir) / MANIFEST_NAME, manifest.to_json_bytes())
-        replace_directory(self.write_dir, self.root)
+        try:
+            replace_directory(self.write_dir, self.root)
+        except OSError as err:
+            # replace_directory moved any old dataset aside first: a non-empty directory in its place
+            # is another preparation's, swapped in between our two renames.
+            if err.errno in (errno.ENOTEMPTY, errno.EEXIST) and (self.root / MANIFEST_NAME).is_file():
+                raise DatasetError(f"another preparation published {str(self.root)!r} at the same time; "
+                                   "this one was not published", hint="rerun it to publish it") from err
+            raise
 
     def discard(self) -> None:
         shutil.rmtree(self.write_dir, ignore_errors=True)  # gone already once swapped in
@@ -108,7 +118,10 @@ class VersionedPublisher:
         self._may_be_published = True  # from here on, never delete this version: the root may name it
         self.fs.move(staged_pointer, join(self.root, MANIFEST_NAME))
         _write(self.fs, join(version_dir, MANIFEST_NAME), manifest.to_json_bytes())  # the mark
-        collect_garbage(self.fs, self.root, replaced)
+        try:
+            collect_garbage(self.fs, self.root, replaced)
+        except OSError as err:  # published already: old versions wait for the next preparation
+            logger.warning("could not delete old versions under %s: %s", self.root, err)
 
     def discard(self) -> None:
         version_dir = join(self.root, self.shard_prefix.rstrip("/"))
@@ -130,7 +143,8 @@ def collect_garbage(fs: pafs.FileSystem, root: str, replaced: DatasetManifest | 
     doomed = [v for v, (marked, newest) in versions.items()
               if v not in named and (marked or now - newest > STALE_VERSION_AGE_S)]
     for version in doomed:
-        fs.delete_dir(join(root, f"{VERSIONS_DIR}/{version}"))
+        with contextlib.suppress(FileNotFoundError):  # another collector was first
+            fs.delete_dir(join(root, f"{VERSIONS_DIR}/{version}"))
     if doomed:
         logger.info("deleted %d superseded dataset version(s) under %s", len(doomed), root)
     _delete_flat_layout_shards(fs, root, replaced, current)
@@ -166,7 +180,7 @@ def _delete_flat_layout_shards(fs: pafs.FileSystem, root: str, replaced: Dataset
     flat = [f.path for files in replaced.shards.values() for f in files
             if not f.path.startswith(f"{VERSIONS_DIR}/") and f.path not in listed]
     for path in flat:
-        if _exists(fs, join(root, path)):
+        with contextlib.suppress(FileNotFoundError):  # another collector was first
             fs.delete_file(join(root, path))
 
 

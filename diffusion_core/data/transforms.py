@@ -62,16 +62,15 @@ def array_to_uint8(values: np.ndarray) -> np.ndarray:
 
 def _float_to_uint8(arr: np.ndarray) -> np.ndarray:
     if arr.size and (not np.isfinite(arr).all() or arr.min() < 0.0 or arr.max() > 1.0):
-        raise DatasetError(f"float images must lie in [0, 1]; got values in "
-                           f"[{np.nanmin(arr):.4g}, {np.nanmax(arr):.4g}]",
+        raise DatasetError("float images must be finite and lie in [0, 1]",
                            hint="scale the array to [0, 1] or store it as uint8")
     return np.rint(arr.astype(np.float64) * 255.0).astype(np.uint8)
 
 
 def _int_to_uint8(arr: np.ndarray) -> np.ndarray:
     if arr.size and (arr.min() < 0 or arr.max() > 255):
-        raise DatasetError(f"integer images of dtype {arr.dtype} must lie in 0..255; got values in "
-                           f"[{arr.min()}, {arr.max()}]", hint="store 16-bit images as uint16")
+        raise DatasetError(f"integer images of dtype {arr.dtype} must lie in 0..255",
+                           hint="store 16-bit images as uint16")
     return arr.astype(np.uint8)
 
 
@@ -156,7 +155,7 @@ def _to_8bit(image: Image.Image) -> Image.Image:
 
 def _sixteen_bit_to_uint8(values: np.ndarray) -> np.ndarray:
     if values.size and (values.min() < 0 or values.max() > 65535):
-        raise DatasetError(f"a 16/32-bit image must lie in 0..65535; got [{values.min()}, {values.max()}]")
+        raise DatasetError("a 16/32-bit image must lie in 0..65535")
     return (values.astype(np.uint32) >> 8).astype(np.uint8)
 
 
