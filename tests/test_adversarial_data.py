@@ -15,8 +15,10 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +94,13 @@ def stored_images(uri: str) -> np.ndarray:
     return np.rint((np.concatenate(parts) + 1.0) * 127.5).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
+def good_images(folder: Path, count: int = 9) -> Path:
+    """`count` distinct small PNGs: one bad file beside nine is 10%, within the default share."""
+    for i in range(count):
+        save_png(folder / f"ok_{i}.png", Image.fromarray(gradient() + np.uint8(i)))
+    return folder
+
+
 def tree_bytes(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
@@ -102,36 +111,30 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
 @pytest.mark.slow
 def test_a_370_byte_png_of_300000x1_pixels_is_skipped_within_bounded_memory(tmp_path: Path) -> None:
     """Scaling the short side up first would make it 9.6M x 32 pixels (740 MB) at size 32."""
-    folder = tmp_path / "imgs"
-    save_png(folder / "a_ok.png", Image.fromarray(gradient()))
-    band = save_png(folder / "b_band.png", Image.new("L", (300_000, 1), 200))
+    folder = good_images(tmp_path / "imgs")
+    band = save_png(folder / "band.png", Image.new("L", (300_000, 1), 200))
     assert band.stat().st_size < 1000
-    out = prepare_bounded(source=str(folder), output=str(tmp_path / "ds"), size=32, channels=3,
-                          max_unreadable_share=0.5)
+    out = prepare_bounded(source=str(folder), output=str(tmp_path / "ds"), size=32, channels=3)
     assert out.get("error") is None, out
-    assert out["rows"] == 1
-    assert [name for name, _ in out["skipped"]] == ["b_band.png"]
+    assert out["rows"] == 9
+    assert [name for name, _ in out["skipped"]] == ["band.png"]
     assert "max_aspect_ratio" in out["skipped"][0][1]
 
 
 @pytest.mark.slow
 def test_a_1x10m_png_at_size_64_is_skipped_within_bounded_memory(tmp_path: Path) -> None:
     """Unbounded, this image is 64 x 640M pixels once its short side is scaled to 64."""
-    folder = tmp_path / "imgs"
-    for i in range(3):
-        save_png(folder / f"ok_{i}.png", Image.fromarray(gradient()))
+    folder = good_images(tmp_path / "imgs")
     save_png(folder / "tall.png", Image.new("L", (1, 10_000_000), 7))
-    out = prepare_bounded(source=str(folder), output=str(tmp_path / "ds"), size=64, channels=1,
-                          max_unreadable_share=0.5)
+    out = prepare_bounded(source=str(folder), output=str(tmp_path / "ds"), size=64, channels=1)
     assert out.get("error") is None, out
-    assert (out["rows"], [name for name, _ in out["skipped"]]) == (3, ["tall.png"])
+    assert (out["rows"], [name for name, _ in out["skipped"]]) == (9, ["tall.png"])
 
 
 def test_images_over_the_pixel_limit_are_skipped_before_decoding(tmp_path: Path, monkeypatch) -> None:
     """The limit applies to the header's size: no pixel of a refused image is ever decoded."""
-    folder = tmp_path / "imgs"
+    folder = good_images(tmp_path / "imgs")
     save_png(folder / "big.png", Image.new("RGB", (40, 30), (1, 2, 3)))
-    save_png(folder / "small.png", Image.new("RGB", (20, 20), (4, 5, 6)))
     loaded: list[tuple[int, int]] = []
     real_load = Image.Image.load
 
@@ -141,7 +144,7 @@ def test_images_over_the_pixel_limit_are_skipped_before_decoding(tmp_path: Path,
 
     monkeypatch.setattr(Image.Image, "load", spying_load)
     result = prepare(PrepareConfig(source=str(folder), output=str(tmp_path / "ds"), size=8, channels=3,
-                                   max_image_pixels=1000, max_unreadable_share=0.5))
+                                   max_image_pixels=1000))
     assert [(s.name, "max_image_pixels" in s.reason) for s in result.manifest.skipped] == [("big.png", True)]
     assert (40, 30) not in loaded
 
@@ -171,24 +174,18 @@ def test_only_the_centre_square_is_resampled(tmp_path: Path, monkeypatch) -> Non
 def test_pillow_decompression_bomb_warning_is_an_error(tmp_path: Path, monkeypatch) -> None:
     """Pillow only warns between MAX_IMAGE_PIXELS and twice that; here the warning skips the file."""
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
-    folder = tmp_path / "imgs"
+    folder = good_images(tmp_path / "imgs")
     save_png(folder / "bomb.png", Image.new("L", (40, 40), 9))  # 1600 pixels: a warning, not an error
-    for i in range(3):
-        save_png(folder / f"ok_{i}.png", Image.new("L", (20, 20), i))
-    result = prepare(PrepareConfig(source=str(folder), output=str(tmp_path / "ds"), size=8,
-                                   max_unreadable_share=0.5))
+    result = prepare(PrepareConfig(source=str(folder), output=str(tmp_path / "ds"), size=8))
     assert [s.name for s in result.manifest.skipped] == ["bomb.png"]
     assert "DecompressionBombWarning" in result.manifest.skipped[0].reason
 
 
 def test_a_file_that_claims_png_but_holds_another_format_is_skipped(tmp_path: Path) -> None:
     """Only the decoders the suffixes name are used, whatever the bytes claim (here a TIFF)."""
-    folder = tmp_path / "imgs"
-    folder.mkdir()
+    folder = good_images(tmp_path / "imgs")
     Image.new("L", (8, 8), 3).save(folder / "x.png", format="TIFF")
-    for i in range(3):
-        save_png(folder / f"ok_{i}.png", Image.new("L", (8, 8), i))
-    result = prepare(PrepareConfig(source=str(folder), output=str(tmp_path / "ds"), max_unreadable_share=0.5))
+    result = prepare(PrepareConfig(source=str(folder), output=str(tmp_path / "ds")))
     assert [s.name for s in result.manifest.skipped] == ["x.png"]
 
 
@@ -221,7 +218,7 @@ def labelled_tree(tmp_path: Path) -> tuple[Path, Path]:
     """source/{cat,dog}/*.png and, beside the source, outside/ with a 'secret' image."""
     source, outside = tmp_path / "source", tmp_path / "outside"
     for label, value in (("cat", 10), ("dog", 20)):
-        for i in range(4):
+        for i in range(10):
             save_png(source / label / f"{i}.png", Image.new("L", (8, 8), value + i))
     save_png(outside / "secret.png", Image.new("L", (8, 8), 255))
     save_png(outside / "more" / "secret2.png", Image.new("L", (8, 8), 254))
@@ -234,9 +231,9 @@ def test_links_that_leave_the_source_folder_are_not_followed(tmp_path: Path) -> 
     (source / "dog" / "escape_dir").symlink_to(outside / "more", target_is_directory=True)
     (source / "dog" / "broken.png").symlink_to(tmp_path / "nowhere.png")
     (source / "dog" / "alias.png").symlink_to(source / "cat" / "0.png")  # inside: read, labelled dog
-    result = prepare(PrepareConfig(source=str(source), output=str(tmp_path / "ds"), max_unreadable_share=0.5))
+    result = prepare(PrepareConfig(source=str(source), output=str(tmp_path / "ds")))
     values = sorted(int(p[0, 0, 0]) for p in stored_images(str(tmp_path / "ds")))
-    assert values == sorted([10, 11, 12, 13, 20, 21, 22, 23, 10])  # no 255 or 254
+    assert values == sorted([*range(10, 30), 10])  # no 255 or 254
     reasons = {s.name: s.reason for s in result.manifest.skipped}
     assert set(reasons) == {"cat/escape.png", "dog/broken.png"}
     assert "leaves the source folder" in reasons["cat/escape.png"]
@@ -260,21 +257,46 @@ def test_a_file_swapped_for_a_link_after_listing_is_not_followed(tmp_path: Path)
     assert all(int(item.pixels[0, 0, 0]) < 254 for item in items if not isinstance(item, Skipped))
 
 
-@pytest.mark.timeout(60)
+@contextmanager
+def fifo(path: Path, rescue_after_s: float = 20.0) -> Iterator[Path]:
+    """A FIFO at `path`. Should a reader block on it (the bug under test), a watchdog opens it for
+    writing after `rescue_after_s` and closes it, so the reader gets end-of-file and the test fails
+    on its own assertion instead of hanging (an open() blocked inside Arrow's C++ retries through
+    pytest-timeout's signal)."""
+    os.mkfifo(path)
+    done = threading.Event()
+
+    def rescue() -> None:
+        if done.wait(rescue_after_s):
+            return
+        while not done.is_set():
+            with suppress(OSError):  # ENXIO unless a reader waits
+                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+            done.wait(0.2)
+
+    watchdog = threading.Thread(target=rescue, daemon=True)
+    watchdog.start()
+    try:
+        yield path
+    finally:
+        done.set()
+        watchdog.join()
+
+
+@pytest.mark.timeout(120)
 def test_a_fifo_named_like_an_image_is_skipped_without_blocking(tmp_path: Path) -> None:
     source, _ = labelled_tree(tmp_path)
-    os.mkfifo(source / "cat" / "x.png")
-    result = prepare(PrepareConfig(source=str(source), output=str(tmp_path / "ds"), max_unreadable_share=0.5))
+    with fifo(source / "cat" / "x.png"):
+        result = prepare(PrepareConfig(source=str(source), output=str(tmp_path / "ds")))
     assert [(s.name, "not a regular file" in s.reason) for s in result.manifest.skipped] == [
         ("cat/x.png", True)]
-    assert sum(result.manifest.counts.values()) == 8
+    assert sum(result.manifest.counts.values()) == 20
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("name", ["images.npy", "table.parquet"])
 def test_a_fifo_named_as_a_file_source_is_refused_without_blocking(name: str, tmp_path: Path) -> None:
-    os.mkfifo(tmp_path / name)
-    with pytest.raises(DatasetError, match="not a regular file"):
+    with fifo(tmp_path / name), pytest.raises(DatasetError, match="not a regular file"):
         prepare(PrepareConfig(source=str(tmp_path / name), output=str(tmp_path / "ds")))
     assert not (tmp_path / "ds").exists()
 
