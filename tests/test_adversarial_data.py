@@ -756,7 +756,7 @@ def test_class_counts_align_with_label_names_and_are_none_when_unlabelled(tmp_pa
 def test_a_parquet_value_repeated_by_its_dictionary_is_read_within_bounded_memory(tmp_path: Path) -> None:
     """A 300-row binary column of one 1 MB cell, dictionary-encoded: a few hundred bytes on disk,
     256 MB for a batch of 256 rows (twice that with a Python copy of each). Batches are sized by the
-    budget (32 MiB here: 32 rows) and cells are read in place."""
+    budget (32 MiB here: 8 rows) and cells are read in place."""
     png = io.BytesIO()
     Image.new("L", (4, 4), 5).save(png, format="PNG")
     cell = png.getvalue() + b"\0" * (1 << 20)  # Pillow stops reading at IEND

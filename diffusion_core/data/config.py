@@ -72,7 +72,7 @@ class PrepareParameters(BaseModel):
         4 * GIB, ge=0, description="source_fingerprint=auto hashes the content of sources up to this size")
     max_source_row_group_bytes: int = Field(
         256 << 20, ge=1, description="Parquet sources whose row groups hold more bytes (uncompressed) "
-        "in the columns read are refused; batches are sized to stay within it")
+        "in the columns read are refused; batches are sized to decode within about this much memory")
 
     @model_validator(mode="after")
     def _shard_holds_whole_row_groups(self) -> PrepareParameters:
