@@ -220,21 +220,24 @@ def test_file_uri_output(tmp_path: Path) -> None:
     assert (tmp_path / "ds" / MANIFEST_NAME).is_file()
 
 
-def test_object_store_publishing_writes_the_manifest_last_and_drops_old_shards(tmp_path: Path) -> None:
-    """Filesystems other than the local one cannot rename directories: shards go first, manifest last."""
+def test_object_store_publishing_points_the_manifest_at_a_new_version(tmp_path: Path) -> None:
+    """Filesystems other than the local one cannot rename directories: each preparation writes its
+    own versions/<id>/ folder, the root manifest (written last) is the only pointer to it, and the
+    version it replaced (here one in the flat local layout) is deleted afterwards."""
     import pyarrow.fs as pafs
-
-    from diffusion_core.data import prepare as prep
-    from diffusion_core.data.sources import open_source
 
     store = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
     assert not isinstance(store, pafs.LocalFileSystem)  # takes the object-store path
-    old = prepare(config(save_images(tmp_path / "a.npy", random_images(60)), tmp_path / "ds"))
-    cfg = config(save_images(tmp_path / "b.npy", random_images(40, seed=4)), tmp_path / "ds")
-    source = open_source(cfg.source, cfg.parameters())
-    info = prep.SourceInfo(kind=source.kind, location=source.location, fingerprint=source.fingerprint())
-    new = prep._build_and_publish(source, info, cfg.parameters(), store, "ds", old.manifest, None)
+    prepare(config(save_images(tmp_path / "a.npy", random_images(60)), tmp_path / "ds"))
+    cfg = config(save_images(tmp_path / "b.npy", random_images(40, seed=4)), "ds")
+    new = prepare(cfg, filesystem=store).manifest
     assert read_manifest(str(tmp_path / "ds")) == new
-    files = sorted(p.relative_to(tmp_path / "ds").as_posix() for p in (tmp_path / "ds").rglob("*.parquet"))
-    assert files == sorted(s.path for split in new.shards.values() for s in split)
+    (version,) = {s.path.split("/")[1] for split in new.shards.values() for s in split}
+    out = tmp_path / "ds"
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    listed = sorted(s.path for split in new.shards.values() for s in split)
+    assert files == sorted([MANIFEST_NAME, f"versions/{version}/{MANIFEST_NAME}", *listed])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy", "b.npy", "ds"]
+    again = prepare(cfg, filesystem=store, force=True)  # identical content: nothing new is published
+    assert again.reused and read_manifest(str(tmp_path / "ds")) == new
+    assert sorted(p.name for p in (tmp_path / "ds" / "versions").iterdir()) == [version]

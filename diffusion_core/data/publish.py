@@ -160,7 +160,8 @@ def _list_versions(fs: pafs.FileSystem, root: str) -> dict[str, tuple[bool, floa
         version = relative[0]
         marked, newest = found.get(version, (False, 0.0))
         marked = marked or relative[1:] == [MANIFEST_NAME]
-        mtime = info.mtime.timestamp() if info.mtime is not None else 0.0
+        # No time (a directory marker on some object stores): unknown, so never stale.
+        mtime = info.mtime.timestamp() if info.mtime is not None else time.time()
         found[version] = (marked, max(newest, mtime))
     return found
 

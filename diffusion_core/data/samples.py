@@ -63,6 +63,8 @@ def decode_image(file: BinaryIO, params: PrepareParameters) -> np.ndarray:
     The size is checked from the header before a pixel is decoded; Pillow's decompression-bomb
     warning is an error here (a warning would let the decode go ahead).
     """
+    # catch_warnings swaps the process-wide filter list (Python 3.11 has no per-thread one); the
+    # filter added touches only DecompressionBombWarning, and a preparation decodes in one thread.
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(file, formats=ENCODED_FORMATS) as image:
