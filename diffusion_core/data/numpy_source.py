@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import zipfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -86,6 +87,9 @@ class NumpySource:
         with _open_npy_members(self.path) as (images, labels):
             self._check_images(images, params)
             self._check_labels(images, labels)
+            for stream in (images, labels):
+                if stream is not None:
+                    stream.check_length()
             self.has_labels = labels is not None
             self._count = images.shape[0]
         self.fingerprint_kind = fingerprint_kind_for(params, info.st_size)
@@ -107,9 +111,6 @@ class NumpySource:
         if labels is not None and (labels.shape != images.shape[:1] or labels.dtype.kind not in "iu"):
             raise DatasetError(f"source {self.location!r}: labels must be integers of shape "
                                f"({images.shape[0]},); got {labels.dtype} {labels.shape}")
-        for stream in (images, labels):
-            if stream is not None:
-                stream.check_length()
 
     def fingerprint(self) -> str:
         if self.fingerprint_kind == "metadata":
@@ -160,7 +161,7 @@ def _open_npy_members(path: Path) -> Iterator[tuple[_NpyStream, _NpyStream | Non
 def _npy_streams(path: Path, stack: ExitStack) -> tuple[_NpyStream, _NpyStream | None]:
     f = stack.enter_context(open_regular_file(path))
     if path.suffix.lower() == ".npy":
-        return _NpyStream(f, f"{path.name}:images", stat_regular_file(path).st_size), None
+        return _NpyStream(f, f"{path.name}:images", os.fstat(f.fileno()).st_size), None
     archive = stack.enter_context(zipfile.ZipFile(f))
     names = {n.removesuffix(".npy") for n in archive.namelist()}
     if "images" not in names:

@@ -76,7 +76,8 @@ def decode_image(file: BinaryIO, params: PrepareParameters) -> np.ndarray:
 
 
 def decode_or_skip(name: str, opener: Callable[[], BinaryIO], label: int,
-                    params: PrepareParameters) -> Sample | Skipped:
+                   params: PrepareParameters) -> Sample | Skipped:
+    """Open and decode one encoded image; any failure skips it with the reason."""
     try:
         with opener() as file:
             pixels = decode_image(file, params)
@@ -86,7 +87,8 @@ def decode_or_skip(name: str, opener: Callable[[], BinaryIO], label: int,
 
 
 def conform_or_skip(name: str, pixels: np.ndarray, label: int,
-                     params: PrepareParameters) -> Sample | Skipped:
+                    params: PrepareParameters) -> Sample | Skipped:
+    """Conform one numeric array (its shape checked against the limits first), or skip it."""
     try:
         if pixels.ndim >= 2:
             check_geometry(pixels.shape[1], pixels.shape[0], params.max_image_pixels, params.max_aspect_ratio)
@@ -97,7 +99,7 @@ def conform_or_skip(name: str, pixels: np.ndarray, label: int,
 
 
 def labelled_sample(name: str, pixels: np.ndarray | pa.Buffer, label: int | None, labelled: bool,
-                     params: PrepareParameters) -> Sample | Skipped:
+                    params: PrepareParameters) -> Sample | Skipped:
     """A sample from pixels (an array, or an Arrow buffer of encoded image bytes). Rows of a labelled
     source need a label in [0, max_classes) (a null label is a missing one); unlabelled sources
     carry NO_LABEL."""
