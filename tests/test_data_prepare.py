@@ -127,17 +127,22 @@ def test_every_shard_is_cut_into_full_row_groups(tmp_path: Path) -> None:
 
 
 def test_failure_mid_write_leaves_the_previous_dataset_intact(tmp_path: Path) -> None:
+    """An interruption after ~3000 of 5000 rows (here the progress callback raises, as Ctrl-C would)
+    leaves the published dataset byte for byte and no staging behind."""
     out = tmp_path / "ds"
     prepare(config(save_images(tmp_path / "good.npy", random_images(100)), out))
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    truncated = tmp_path / "truncated.npy"
-    save_images(truncated, random_images(5000, seed=9))
-    truncated.write_bytes(truncated.read_bytes()[: 3000 * 16 + 128])  # ~3000 rows written, then it ends
-    with pytest.raises(DatasetError, match="ends after"):
-        prepare(config(str(truncated), out, rows_per_row_group=100, rows_per_shard=500))
+    big = save_images(tmp_path / "big.npy", random_images(5000, seed=9))
+
+    def interrupt(consumed: int) -> None:
+        if consumed >= 3000:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        prepare(config(big, out, rows_per_row_group=100, rows_per_shard=500), progress=interrupt)
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "good.npy", "truncated.npy"]  # no staging
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.npy", "ds", "good.npy"]  # no staging
 
 
 def test_failed_swap_restores_the_previous_dataset(tmp_path: Path, monkeypatch) -> None:
@@ -151,7 +156,7 @@ def test_failed_swap_restores_the_previous_dataset(tmp_path: Path, monkeypatch) 
     real_rename = os.rename
 
     def staging_rename_fails(src, dst, *args, **kwargs):
-        if ".staging-" in str(src) and Path(dst) == out:
+        if ".ds.tmp-" in str(src) and Path(dst) == out:
             raise OSError("rename failed")
         return real_rename(src, dst, *args, **kwargs)
 
@@ -215,21 +220,24 @@ def test_file_uri_output(tmp_path: Path) -> None:
     assert (tmp_path / "ds" / MANIFEST_NAME).is_file()
 
 
-def test_object_store_publishing_writes_the_manifest_last_and_drops_old_shards(tmp_path: Path) -> None:
-    """Filesystems other than the local one cannot rename directories: shards go first, manifest last."""
+def test_object_store_publishing_points_the_manifest_at_a_new_version(tmp_path: Path) -> None:
+    """Filesystems other than the local one cannot rename directories: each preparation writes its
+    own versions/<id>/ folder, the root manifest (written last) is the only pointer to it, and the
+    version it replaced (here one in the flat local layout) is deleted afterwards."""
     import pyarrow.fs as pafs
-
-    from diffusion_core.data import prepare as prep
-    from diffusion_core.data.sources import open_source
 
     store = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
     assert not isinstance(store, pafs.LocalFileSystem)  # takes the object-store path
-    old = prepare(config(save_images(tmp_path / "a.npy", random_images(60)), tmp_path / "ds"))
-    cfg = config(save_images(tmp_path / "b.npy", random_images(40, seed=4)), tmp_path / "ds")
-    source = open_source(cfg.source, cfg.parameters())
-    info = prep.SourceInfo(kind=source.kind, location=source.location, fingerprint=source.fingerprint())
-    new = prep._build_and_publish(source, info, cfg.parameters(), store, "ds", old.manifest, None)
+    prepare(config(save_images(tmp_path / "a.npy", random_images(60)), tmp_path / "ds"))
+    cfg = config(save_images(tmp_path / "b.npy", random_images(40, seed=4)), "ds")
+    new = prepare(cfg, filesystem=store).manifest
     assert read_manifest(str(tmp_path / "ds")) == new
-    files = sorted(p.relative_to(tmp_path / "ds").as_posix() for p in (tmp_path / "ds").rglob("*.parquet"))
-    assert files == sorted(s.path for split in new.shards.values() for s in split)
+    (version,) = {s.path.split("/")[1] for split in new.shards.values() for s in split}
+    out = tmp_path / "ds"
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    listed = sorted(s.path for split in new.shards.values() for s in split)
+    assert files == sorted([MANIFEST_NAME, f"versions/{version}/{MANIFEST_NAME}", *listed])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy", "b.npy", "ds"]
+    again = prepare(cfg, filesystem=store, force=True)  # identical content: nothing new is published
+    assert again.reused and read_manifest(str(tmp_path / "ds")) == new
+    assert sorted(p.name for p in (tmp_path / "ds" / "versions").iterdir()) == [version]

@@ -158,7 +158,7 @@ def test_float_and_uint16_arrays_follow_the_policy(tmp_path: Path) -> None:
 
 def test_out_of_range_floats_are_an_error_naming_the_source(tmp_path: Path) -> None:
     np.save(tmp_path / "bad.npy", np.full((3, 4, 4), 200.0))
-    with pytest.raises(DatasetError, match=r"bad\.npy.*yielded no images.*\[0, 1\]"):
+    with pytest.raises(DatasetError, match=r"(?s)bad\.npy.*max_unreadable_share.*bad\.npy\[0\]: .*\[0, 1\]"):
         prepare(PrepareConfig(source=str(tmp_path / "bad.npy"), output=str(tmp_path / "ds"), size=4))
     assert not (tmp_path / "ds").exists()
 
@@ -175,7 +175,7 @@ def test_folder_with_corrupt_rgba_16bit_and_wrong_size_files(tmp_path: Path) -> 
     Image.fromarray(np.full((SIZE, SIZE), 256 * 60 + 200, dtype=np.uint16)).save(root / "d_16bit.png")
     Image.new("RGB", (3 * SIZE, 2 * SIZE), (0, 0, 250)).save(root / "e_wrong_size.jpg", quality=100)
     result = prepare(PrepareConfig(source=str(root), output=str(tmp_path / "ds"), size=SIZE, channels=3,
-                                   val_fraction=0))
+                                   val_fraction=0, max_unreadable_share=0.25))
     manifest = read_manifest(str(tmp_path / "ds"))
     assert [s.name for s in manifest.skipped] == ["b_corrupt.png"]
     assert result.manifest.counts == {"train": 4, "val": 0}

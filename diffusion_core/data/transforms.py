@@ -1,20 +1,31 @@
 """Turning any decoded image into the dataset's (size, size, channels) uint8 array: the policy.
 
-Applied in this order to every image, whatever its source:
+Before any pixel is decoded, the image's size is checked against the limits (`check_geometry`):
+more than `max_image_pixels` pixels, or a long side more than `max_aspect_ratio` times the short
+one, and the image is refused (the caller skips and lists it). JPEGs are decoded at the smallest
+DCT scale (1/2, 1/4 or 1/8: Pillow's `draft`) that keeps the short side at least `size`, so a large
+photo never decodes at full resolution; the limits apply to the pixels that are decoded.
 
-1. Bit depth. 16-bit samples keep their high byte (v >> 8), as Pillow itself does when it opens a
+Then, in this order, whatever the source:
+
+0. Orientation. An EXIF Orientation tag is applied (PIL.ImageOps.exif_transpose), so the image is
+   upright as a viewer shows it.
+1. Square. The centred square of side min(W, H) is cut out in source coordinates (left = (W - s) // 2,
+   top = (H - s) // 2); nothing outside it is ever converted or resampled, so the work is bounded
+   by the square whatever the image's shape. Arrays are cut the same way, as views, before any
+   conversion.
+2. Bit depth. 16-bit samples keep their high byte (v >> 8), as Pillow itself does when it opens a
    16-bit colour PNG; 32-bit integer ("I") and float ("F") images are read as 16-bit and must lie in
    0..65535. Numeric arrays: uint8 as is; uint16 >> 8; other integers must lie in 0..255; floats
    must lie in [0, 1] and map to round(255 x). Anything else is an error (the row is skipped).
-2. Palette and exotic modes. Palette images become RGBA when they carry transparency, RGB
+3. Palette and exotic modes. Palette images become RGBA when they carry transparency, RGB
    otherwise; bilevel becomes L; CMYK / YCbCr / LAB / HSV become RGB (Pillow's conversions).
-3. Transparency. LA / RGBA pixels are composited onto a solid background, `alpha_background`
+4. Transparency. LA / RGBA pixels are composited onto a solid background, `alpha_background`
    (default white, the colour a transparent PNG shows on a page): c' = round((a c + (255 - a) b) / 255).
-4. Channels. channels=1 takes ITU-R 601-2 luma (Pillow "L": L = 0.299 R + 0.587 G + 0.114 B);
+5. Channels. channels=1 takes ITU-R 601-2 luma (Pillow "L": L = 0.299 R + 0.587 G + 0.114 B);
    channels=3 replicates a grey image into R, G and B.
-5. Geometry. An image that is not size x size is scaled (bicubic, antialiased when shrinking) so
-   that its shorter side equals `size`, then centre-cropped to size x size. Images that already have
-   the target size are never resampled, so lossless inputs survive bit for bit.
+6. Scale. The square is resized to size x size (bicubic, antialiased when shrinking). Images that
+   already have the target size are never resampled, so lossless inputs survive bit for bit.
 """
 
 from __future__ import annotations
@@ -51,16 +62,15 @@ def array_to_uint8(values: np.ndarray) -> np.ndarray:
 
 def _float_to_uint8(arr: np.ndarray) -> np.ndarray:
     if arr.size and (not np.isfinite(arr).all() or arr.min() < 0.0 or arr.max() > 1.0):
-        raise DatasetError(f"float images must lie in [0, 1]; got values in "
-                           f"[{np.nanmin(arr):.4g}, {np.nanmax(arr):.4g}]",
+        raise DatasetError("float images must be finite and lie in [0, 1]",
                            hint="scale the array to [0, 1] or store it as uint8")
     return np.rint(arr.astype(np.float64) * 255.0).astype(np.uint8)
 
 
 def _int_to_uint8(arr: np.ndarray) -> np.ndarray:
     if arr.size and (arr.min() < 0 or arr.max() > 255):
-        raise DatasetError(f"integer images of dtype {arr.dtype} must lie in 0..255; got values in "
-                           f"[{arr.min()}, {arr.max()}]", hint="store 16-bit images as uint16")
+        raise DatasetError(f"integer images of dtype {arr.dtype} must lie in 0..255",
+                           hint="store 16-bit images as uint16")
     return arr.astype(np.uint8)
 
 
@@ -76,27 +86,55 @@ def array_to_image(pixels: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(squeezed), mode=mode)
 
 
+def check_geometry(width: int, height: int, max_pixels: int, max_aspect_ratio: float) -> None:
+    """Refuse an image by its size alone, before any pixel is decoded (DatasetError names the limit)."""
+    if width < 1 or height < 1:
+        raise DatasetError("image has an empty side; accepted: width and height >= 1")
+    if width * height > max_pixels:
+        raise DatasetError(f"image has more than max_image_pixels ({max_pixels}) pixels",
+                           hint="raise max_image_pixels, or shrink the image")
+    if max(width, height) > max_aspect_ratio * min(width, height):
+        raise DatasetError(f"image's long side exceeds max_aspect_ratio ({max_aspect_ratio:g}) "
+                           "times its short side", hint="raise max_aspect_ratio, or crop the image")
+
+
+def centre_square(width: int, height: int) -> tuple[int, int, int, int]:
+    """Step 1: the (left, top, right, bottom) box of the centred square of side min(width, height)."""
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return left, top, left + side, top + side
+
+
 def conform_array(pixels: np.ndarray, size: int, channels: int, background: str) -> np.ndarray:
-    """A uint8 (H, W[, C]) array conformed to (size, size, channels); exact-size inputs untouched."""
+    """A numeric (H, W[, C]) array conformed to (size, size, channels); exact-size uint8 inputs are
+    returned untouched. The square is cut (as a view) before any conversion."""
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
+    if pixels.ndim == 3:
+        left, top, right, bottom = centre_square(pixels.shape[1], pixels.shape[0])
+        pixels = pixels[top:bottom, left:right]
+    pixels = array_to_uint8(pixels)
     if pixels.shape == (size, size, channels):
         return np.ascontiguousarray(pixels)
     return conform_image(array_to_image(pixels), size, channels, background)
 
 
 def conform_image(image: Image.Image, size: int, channels: int, background: str) -> np.ndarray:
-    """Steps 1-5 of the policy: any Pillow image -> (size, size, channels) uint8."""
+    """Steps 1-6 of the policy: any Pillow image (already upright) -> (size, size, channels) uint8."""
+    box = centre_square(*image.size)
+    if box != (0, 0, *image.size):
+        image = image.crop(box)
     image = _to_8bit(image)
     image = _flatten_alpha(image, background)
     image = image.convert("L" if channels == 1 else "RGB")
-    image = _resize_and_centre_crop(image, size)
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BICUBIC)
     pixels = np.asarray(image, dtype=np.uint8)
     return pixels.reshape(size, size, channels)
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
-    """Steps 1-2: a Pillow image in one of L, LA, RGB, RGBA."""
+    """Steps 2-3: a Pillow image in one of L, LA, RGB, RGBA."""
     mode = image.mode
     if mode.startswith("I") or mode == "F":
         return Image.fromarray(_sixteen_bit_to_uint8(np.asarray(image)), mode="L")
@@ -117,30 +155,21 @@ def _to_8bit(image: Image.Image) -> Image.Image:
 
 def _sixteen_bit_to_uint8(values: np.ndarray) -> np.ndarray:
     if values.size and (values.min() < 0 or values.max() > 65535):
-        raise DatasetError(f"a 16/32-bit image must lie in 0..65535; got [{values.min()}, {values.max()}]")
+        raise DatasetError("a 16/32-bit image must lie in 0..65535")
     return (values.astype(np.uint32) >> 8).astype(np.uint8)
 
 
 def _flatten_alpha(image: Image.Image, background: str) -> Image.Image:
-    """Step 3: c' = round((a c + (255 - a) b) / 255) with b the background value."""
+    """Step 4: c' = round((a c + (255 - a) b) / 255) with b the background value.
+
+    In uint16: a c + (255 - a) b <= 255 * 255, plus 127, stays below 2^16, at half uint32's memory.
+    """
     if image.mode not in ("LA", "RGBA"):
         return image
-    rgba = np.asarray(image, dtype=np.uint32)
+    rgba = np.asarray(image).astype(np.uint16)
     colour, alpha = rgba[..., :-1], rgba[..., -1:]
     b = BACKGROUND_VALUES[background]
     flat = (alpha * colour + (255 - alpha) * b + 127) // 255
     mode = "L" if image.mode == "LA" else "RGB"
     flat = flat.astype(np.uint8)
     return Image.fromarray(flat[..., 0] if mode == "L" else flat, mode=mode)
-
-
-def _resize_and_centre_crop(image: Image.Image, size: int) -> Image.Image:
-    """Step 5: scale the shorter side to `size` (bicubic), then crop the centre size x size."""
-    width, height = image.size
-    if (width, height) == (size, size):
-        return image
-    scale = size / min(width, height)
-    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-    image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    return image.crop((left, top, left + size, top + size))
