@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import re
 import tempfile
 import threading
@@ -26,6 +27,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
@@ -39,7 +41,7 @@ from diffusion_core.adapters.mlflow_store import (
 )
 from diffusion_core.data.manifest import DatasetManifest
 from diffusion_core.errors import ConfigError
-from diffusion_core.redact import redact_uri
+from diffusion_core.redact import redact_uri, strip_credentials
 from diffusion_core.training import RUN_NAME_PATTERN, TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -156,6 +158,20 @@ def finish_run(config: TrainConfig, run_id: str, checkpoint_path: str | None, fa
     with_retries(lambda: client.set_terminated(run_id, status=status), "set_terminated")
 
 
+def _credentials_to_environment(tracking_uri: str) -> str:
+    """`tracking_uri` without user info, which moves to MLflow's documented variables
+    (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD) unless those are set: MLflow puts the
+    URI of a failed request into its own log messages, so it must not carry the password. Used in
+    the rank-0 worker process, whose environment is its own."""
+    parts = urlsplit(tracking_uri)
+    if parts.username is None:
+        return tracking_uri
+    os.environ.setdefault("MLFLOW_TRACKING_USERNAME", unquote(parts.username))
+    if parts.password is not None:
+        os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", unquote(parts.password))
+    return strip_credentials(tracking_uri)
+
+
 class RankZeroTracker:
     """Rank 0's handle on the run: metrics per step, PNG sample grids, tags, system metrics.
 
@@ -175,7 +191,7 @@ class RankZeroTracker:
 
     def __init__(self, tracking_uri: str, run_id: str, close_timeout_s: float = 30.0,
                  system_metrics_interval_s: float | None = 5.0) -> None:
-        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.client = MlflowClient(tracking_uri=_credentials_to_environment(tracking_uri))
         self.run_id = run_id
         self.where = redact_uri(tracking_uri)
         self.close_timeout_s = close_timeout_s
