@@ -5,7 +5,7 @@
     classifier as an artifact)  ->  promotion gate against `champion` (the champion is
     re-evaluated with the same data, sample count and seed unless its recorded number matches)
 
-The lead's pipeline calls `evaluate_and_register(checkpoint_dir, dataset_uri, eval_config,
+`flows.pipeline` calls `evaluate_and_register(checkpoint_dir, dataset_uri, eval_config,
 registry_config)` and gets back the version and the gate's decision.
 """
 

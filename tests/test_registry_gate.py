@@ -6,14 +6,8 @@ import math
 
 import pytest
 
-from diffusion_core.adapters.mlflow_registry import (
-    CandidateScores,
-    GatePolicy,
-    RegistryConfig,
-    RegistryError,
-    decide,
-)
-from diffusion_core.adapters.mlflow_registry.gate import parse_score
+from diffusion_core.adapters.mlflow_registry import GatePolicy, RegistryConfig, RegistryError
+from diffusion_core.adapters.mlflow_registry.gate import CandidateScores, decide, parse_score
 
 POLICY = GatePolicy(margin=0.02, min_precision=0.5, min_recall=0.5)
 

@@ -41,14 +41,13 @@ from diffusion_core.adapters.mlflow_registry.config import (
 )
 from diffusion_core.adapters.mlflow_registry.download import download_checkpoint
 from diffusion_core.adapters.mlflow_registry.errors import RegistryError
-from diffusion_core.adapters.mlflow_registry.gate import CandidateScores, GatePolicy, Verdict, decide
+from diffusion_core.adapters.mlflow_registry.gate import GatePolicy
 from diffusion_core.adapters.mlflow_registry.lock import registry_lock
 from diffusion_core.adapters.mlflow_registry.packaging import generation_frame
 from diffusion_core.adapters.mlflow_registry.promotion import (
     PromotionDecision,
     promote,
     promote_if_better,
-    repair_pending_promotion,
     rollback,
 )
 from diffusion_core.adapters.mlflow_registry.register import log_and_register, log_directory
@@ -62,9 +61,8 @@ from diffusion_core.adapters.mlflow_registry.versions import (
 
 __all__ = [
     "CANDIDATE", "CHAMPION", "DEFAULT_LOCK_TIMEOUT_S", "EVAL_KEY_TAG", "FD_TAG", "PREVIOUS_CHAMPION",
-    "CandidateScores", "GatePolicy", "ModelVersionInfo", "PromotionDecision", "RegistryConfig",
-    "RegistryError", "Verdict", "decide", "download_checkpoint", "generation_frame", "get_version",
-    "list_versions",
-    "log_and_register", "log_directory", "numeric_tags", "promote", "promote_if_better", "registry_lock",
-    "repair_pending_promotion", "resolve_version", "rollback",
+    "GatePolicy", "ModelVersionInfo", "PromotionDecision", "RegistryConfig", "RegistryError",
+    "download_checkpoint", "generation_frame", "get_version", "list_versions", "log_and_register",
+    "log_directory", "numeric_tags", "promote", "promote_if_better", "registry_lock", "resolve_version",
+    "rollback",
 ]
