@@ -118,6 +118,13 @@ def test_an_invalid_champion_score_is_measured_again_not_compared(mlflow_store, 
     assert asked == [f"models:/broken/{v1}"] * 2
 
 
+def test_a_model_name_with_a_quote_is_refused_before_it_reaches_a_filter_string(mlflow_store) -> None:
+    from diffusion_core.adapters.mlflow_registry import list_versions
+
+    with pytest.raises(RegistryError, match="model_name"):
+        list_versions("x' OR name != '", mlflow_store.tracking_uri)
+
+
 def test_scores_from_different_feature_networks_never_compare(checkpoint, one_torch_thread) -> None:
     """Same data and settings, different feature weights (a classifier retrained elsewhere): the
     eval keys differ, so the gate re-measures instead of comparing."""
