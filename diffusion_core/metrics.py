@@ -133,13 +133,15 @@ def reference_from_dataset(dataset_uri: str) -> ReferenceData:
                                           manifest.num_classes)
 
 
-def eval_settings_key(fingerprint: str, num_val: int, config: EvalConfig) -> str:
+def eval_settings_key(fingerprint: str, num_val: int, config: EvalConfig, feature_weights: str) -> str:
     """A hash of everything an FD number depends on besides the model: two FDs are comparable
-    exactly when their keys are equal."""
+    exactly when their keys are equal. feature_weights: FeatureExtractor.weights_sha256 (the same
+    settings can yield different feature networks, e.g. a classifier retrained elsewhere)."""
     relevant = config.model_dump(mode="json", include={
         "num_samples", "sampler", "steps", "seed", "guidance_scale", "clip_x0", "class_conditional",
         "nearest_k", "use_ema", "feature_net"})
-    payload = json.dumps({"fingerprint": fingerprint, "num_val": num_val, **relevant}, sort_keys=True)
+    payload = json.dumps({"fingerprint": fingerprint, "num_val": num_val, "feature_weights": feature_weights,
+                          **relevant}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -222,7 +224,8 @@ def evaluate_model(
     if config.inception_path is not None:
         inception = load_inception(config.inception_path, config.inception_input)
         fid = inception_fid(reference.val_images, samples, inception)
-    key = eval_settings_key(reference.fingerprint, len(reference.val_images), config)
+    num_val = len(reference.val_images)
+    key = eval_settings_key(reference.fingerprint, num_val, config, extractor.weights_sha256)
     result = EvalResult(**numbers, inception_fid=fid, feature_kind=extractor.kind, eval_key=key)
     logger.info("evaluation (%s features): %s", result.feature_kind, result.as_metrics())
     return result

@@ -19,6 +19,7 @@ import logging
 import shutil
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
@@ -85,6 +86,11 @@ class FeatureExtractor:
     directory: Path | None = None
     train_accuracy: float | None = None
 
+    @cached_property
+    def weights_sha256(self) -> str:
+        """SHA-256 of the network's weights: two extractors give comparable features only when equal."""
+        return weights_sha256(self.net)
+
     @torch.no_grad()
     def features_and_predictions(self, images: Tensor, batch_size: int = 512) -> tuple[Tensor, Tensor]:
         """(N, D) features and (N,) predicted classes of images (N, C, H, W) in [0, 1]."""
@@ -94,6 +100,16 @@ class FeatureExtractor:
             feats.append(f)
             preds.append(self.net.head(f).argmax(dim=1))
         return torch.cat(feats), torch.cat(preds)
+
+
+def weights_sha256(net: nn.Module) -> str:
+    """SHA-256 over every state-dict entry (name, dtype, shape, bytes) in name order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(net.state_dict().items()):
+        value = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def cache_key(dataset_fingerprint: str, in_channels: int, num_classes: int, config: FeatureNetConfig) -> str:

@@ -112,7 +112,7 @@ def gate(version: ModelVersionInfo, evaluation: EvalResult, reference: Reference
          extractor: FeatureExtractor, config: EvalConfig, registry: RegistryConfig,
          force: bool) -> PromotionDecision:
     return promote_if_better(
-        version.name, version.version, margin=registry.gate_margin, candidate_fd=evaluation.fd,
+        version.name, version.version, policy=registry.gate_policy(), candidate_fd=evaluation.fd,
         eval_key=evaluation.eval_key, force=force, tracking_uri=registry.tracking_uri,
         lock_dir=registry.lock_dir, lock_timeout_s=registry.lock_timeout_s,
         reevaluate_champion=champion_reevaluator(reference, extractor, config, registry))

@@ -175,10 +175,7 @@ def current_champion(registry: RegistryConfig) -> ModelVersionInfo | None:
 def registered_with_key(registry: RegistryConfig, key: str) -> ModelVersionInfo | None:
     """The newest version trained from the same data and config (any alias), or None. A rejected or
     rolled-back version counts too, so the pipeline does not retrain and re-promote it."""
-    try:
-        versions = list_versions(registry.model_name, registry.tracking_uri)
-    except RegistryError:
-        return None
+    versions = list_versions(registry.model_name, registry.tracking_uri)
     matching = [v for v in versions if v.tags.get(TRAIN_KEY_TAG) == key]
     return max(matching, key=lambda v: int(v.version), default=None)
 

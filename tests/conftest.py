@@ -94,16 +94,6 @@ def _shutdown_serve_quietly() -> None:
         pass
 
 
-@pytest.fixture(autouse=True)
-def _restore_mlflow_uris() -> Iterator[None]:
-    """MLflow's process-wide tracking and registry URIs are put back after every test: one left
-    behind by a test silently sends a later test's clients to a stale (deleted) store."""
-    from diffusion_core.adapters.mlflow_registry import preserved_mlflow_uris
-
-    with preserved_mlflow_uris():
-        yield
-
-
 @dataclass(frozen=True)
 class MlflowStore:
     tracking_uri: str
@@ -112,19 +102,17 @@ class MlflowStore:
 
 @pytest.fixture()
 def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> MlflowStore:
-    """A fresh SQLite-backed MLflow store in a temp dir, set as the process's tracking URI.
+    """A fresh SQLite-backed MLflow store in a temp dir, the process's tracking URI for the test
+    (through MLFLOW_TRACKING_URI, which monkeypatch restores; MLflow's process-wide setters are
+    left alone, so nothing outlives the test).
 
     The test runs in that temp dir, so anything MLflow would write relative to the working
     directory (./mlruns, ./mlflow.db) lands there, never in the repository.
     """
-    import mlflow
-
     monkeypatch.chdir(tmp_path)
     db = tmp_path / "mlflow.db"
     uri = f"sqlite:///{db}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
     return MlflowStore(tracking_uri=uri, artifact_root=(tmp_path / "mlartifacts").as_uri())
 
 

@@ -187,11 +187,12 @@ def test_reference_from_model_space_maps_minus_one_one_to_unit_range() -> None:
 
 def test_eval_key_changes_with_every_setting_that_changes_the_number() -> None:
     base = EvalConfig()
-    key = eval_settings_key("fp", 360, base)
-    assert key == eval_settings_key("fp", 360, EvalConfig(batch_size=7, device="cpu"))  # no effect on FD
+    key = eval_settings_key("fp", 360, base, "w")
+    assert key == eval_settings_key("fp", 360, EvalConfig(batch_size=7, device="cpu"), "w")  # no effect on FD
     for changed in ({"num_samples": 600}, {"seed": 1}, {"steps": 10}, {"sampler": "ddim"}):
-        assert eval_settings_key("fp", 360, EvalConfig(**changed)) != key, changed
-    assert eval_settings_key("other", 360, base) != key
+        assert eval_settings_key("fp", 360, EvalConfig(**changed), "w") != key, changed
+    assert eval_settings_key("other", 360, base, "w") != key
+    assert eval_settings_key("fp", 360, base, "other feature weights") != key
 
 
 # -------------------------------------------------------------------------- Inception FID (local file)

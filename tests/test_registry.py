@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import threading
 from pathlib import Path
@@ -17,6 +16,7 @@ from diffusion_core.adapters.mlflow_registry import (
     CANDIDATE,
     CHAMPION,
     PREVIOUS_CHAMPION,
+    RegistryConfig,
     RegistryError,
     download_checkpoint,
     generation_frame,
@@ -32,6 +32,8 @@ from diffusion_core.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow  # each registration logs a model (a few seconds)
 
+GOOD_SHARES = {"eval_precision": 0.9, "eval_recall": 0.9}  # above the default quality floor
+
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -40,7 +42,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _register(checkpoint: Path, name: str, uri: str, lock_dir: Path, fd: float | None = None,
               eval_key: str = "key-a", **kwargs) -> str:
-    metrics = None if fd is None else {"eval_fd": fd}
+    metrics = None if fd is None else {"eval_fd": fd, **GOOD_SHARES}
     info = log_and_register(checkpoint, model_name=name, tracking_uri=uri, metrics=metrics,
                             tags={"eval_key": eval_key}, lock_dir=lock_dir, **kwargs)
     return info.version
@@ -67,7 +69,8 @@ def _check_champion_generates(uri: str, name: str, checkpoint: Path) -> None:
 
 def test_register_tags_candidate_and_champion_loads_via_pyfunc(mlflow_store, checkpoint, tmp_path) -> None:
     uri = mlflow_store.tracking_uri
-    info = log_and_register(checkpoint, model_name="digits", tracking_uri=uri, metrics={"eval_fd": 12.5},
+    info = log_and_register(checkpoint, model_name="digits", tracking_uri=uri,
+                            metrics={"eval_fd": 12.5, **GOOD_SHARES},
                             tags={"eval_key": "k", "eval_sampler": "ddim"}, lock_dir=tmp_path)
     assert info.version == "1" and info.aliases == [CANDIDATE]
     assert info.tags["dataset_fingerprint"] == "digits-test" and info.tags["eval_fd"] == "12.5"
@@ -95,25 +98,35 @@ def test_registration_keeps_artifacts_beside_the_database(mlflow_store, checkpoi
     assert {"MLmodel", "model.safetensors", "spec.json"} <= stored
 
 
-def test_registry_uri_is_restored_separately_from_the_tracking_uri(mlflow_store, tmp_path,
-                                                                   monkeypatch) -> None:
-    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)  # set_registry_uri exports it
-    separate_registry = f"sqlite:///{tmp_path / 'registry.db'}"
-    mlflow.set_registry_uri(separate_registry)
+def test_operations_use_the_given_store_and_leave_the_process_wide_uris_alone(
+        mlflow_store, checkpoint, tmp_path, monkeypatch) -> None:
+    """With MLflow's process-wide URIs pointing at a decoy store, every operation given an explicit
+    URI works on that store only, and the process-wide URIs are unchanged afterwards."""
+    decoy = f"sqlite:///{tmp_path / 'decoy.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", decoy)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", decoy)
+    mlflow.set_tracking_uri(decoy)
+    mlflow.set_registry_uri(decoy)
     try:
-        with pytest.raises(mlflow.exceptions.MlflowException, match="not found"):
-            download_checkpoint("models:/missing/1", tracking_uri=f"sqlite:///{tmp_path / 'other.db'}")
-        assert mlflow.get_registry_uri() == separate_registry
-        assert mlflow.get_tracking_uri() == mlflow_store.tracking_uri
+        uri = mlflow_store.tracking_uri
+        v1 = _register(checkpoint, "scoped", uri, tmp_path, fd=10.0)
+        assert promote_if_better("scoped", v1, tracking_uri=uri, lock_dir=tmp_path).promoted
+        local = download_checkpoint("models:/scoped@champion", tmp_path / "dl", tracking_uri=uri)
+        assert (local / "spec.json").is_file()
+        with pytest.raises(RegistryError, match="no previous champion"):
+            rollback("scoped", tracking_uri=uri, lock_dir=tmp_path)
+        assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri()) == (decoy, decoy)
+        assert MlflowClient(decoy, decoy).search_registered_models() == []
     finally:
-        mlflow.set_registry_uri(mlflow_store.tracking_uri)
+        mlflow.set_tracking_uri(None)  # monkeypatch puts the environment back
+        mlflow.set_registry_uri(None)
 
 
 def test_a_held_registry_lock_times_out_naming_its_file(mlflow_store, tmp_path) -> None:
     uri = mlflow_store.tracking_uri
     with registry_lock(uri, tmp_path):
         lock_file = next(tmp_path.glob("mlflow-registry-*.lock"))
-        message = f"{re.escape(str(lock_file))} still held by pid {os.getpid()} after 0.3s"
+        message = f"{re.escape(str(lock_file))} still held after 0.3s"
         with pytest.raises(RegistryError, match=message):
             rollback("m", tracking_uri=uri, lock_dir=tmp_path, lock_timeout_s=0.3)
     with pytest.raises(RegistryError, match="has no champion"):  # released: rollback gets to the store
@@ -133,7 +146,7 @@ def test_download_checkpoint_round_trips_the_weights(mlflow_store, checkpoint, t
 
 def test_gate_promotes_better_rejects_worse_records_numbers(mlflow_store, checkpoint, tmp_path) -> None:
     uri, name = mlflow_store.tracking_uri, "gated"
-    gate = dict(tracking_uri=uri, lock_dir=tmp_path, margin=0.02)
+    gate = dict(tracking_uri=uri, lock_dir=tmp_path, policy=RegistryConfig(gate_margin=0.02).gate_policy())
     v1 = _register(checkpoint, name, uri, tmp_path, fd=100.0)
     assert promote_if_better(name, v1, **gate).action == "promoted"
     v2 = _register(checkpoint, name, uri, tmp_path, fd=50.0)
@@ -244,9 +257,7 @@ def test_concurrent_registrations_get_distinct_versions(mlflow_store, checkpoint
 
 def test_server_register_gate_pyfunc_concurrency(mlflow_server, checkpoint, tmp_path, monkeypatch) -> None:
     uri = mlflow_server.tracking_uri
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # for mlflow.pyfunc.load_model("models:/...")
     versions = _register_concurrently(checkpoint, "served", uri, tmp_path, count=2)
     assert sorted(versions) == ["1", "2"]
     by_fd = sorted(list_versions("served", uri), key=lambda v: float(v.tags["eval_fd"]))

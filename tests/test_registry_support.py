@@ -1,6 +1,6 @@
 """Helpers shared by the registry and evaluation tests: tiny digit checkpoints and a digits dataset.
 
-Kept in a test_* module of this area so that `tests/conftest.py` stays untouched; it holds no tests.
+It holds no tests; pytest collects it like any test module and finds none.
 """
 
 from __future__ import annotations

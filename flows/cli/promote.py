@@ -33,7 +33,8 @@ def promote_command(
         None, help="Prepared dataset to re-evaluate the champion on when its recorded FD was measured "
         "under other settings (the `evaluate` config section applies)."),
 ) -> None:
-    """Make VERSION the champion if its recorded FD beats the champion's by registry.gate_margin.
+    """Make VERSION the champion if it passes the quality floor and its recorded FD beats the
+    champion's by registry.gate_margin.
 
     Exits with code 1 when the gate rejects VERSION.
     """
@@ -42,7 +43,7 @@ def promote_command(
     context = cli_context(ctx)
     registry = context.registry_config({"model_name": model_name, "tracking_uri": tracking_uri})
     decision = promote_if_better(
-        registry.model_name, version, margin=registry.gate_margin, force=force,
+        registry.model_name, version, policy=registry.gate_policy(), force=force,
         tracking_uri=registry.tracking_uri, lock_dir=registry.lock_dir,
         lock_timeout_s=registry.lock_timeout_s,
         reevaluate_champion=None if dataset is None else _reevaluator(dataset, registry, context))

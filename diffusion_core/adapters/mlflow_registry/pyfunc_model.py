@@ -1,8 +1,9 @@
 """The MLflow pyfunc model of a diffusion checkpoint, logged as "models from code".
 
 MLflow stores this file's source with the model and executes it on `mlflow.pyfunc.load_model`, so
-nothing is pickled (a `PythonModel` instance would be cloudpickled otherwise). The `set_model`
-call at the bottom is that contract: it registers the model object when MLflow runs the file; it
+nothing is pickled (a `PythonModel` instance would be cloudpickled otherwise). The `diffusion_core`
+package it imports travels with the model (`code_paths`, see `packaging.py`). The `set_model` call
+at the bottom is that contract: it registers the model object when MLflow runs the file; it
 creates nothing and opens no connection.
 
 Request format (one row per image; result[i] depends only on row i and the params):
@@ -12,8 +13,8 @@ Request format (one row per image; result[i] depends only on row i and the param
     -> float32 array (N, C, H, W) in [0, 1]
 
 `label` is optional; -1 (sampling_defaults.NULL_LABEL) means unconditional.
-`mlflow_registry.generation_frame(num_images, seed, labels)` builds the frame. This file is only
-ever executed by MLflow, never imported by the library.
+`packaging.generation_frame(num_images, seed, labels)` builds the frame. This file is only ever
+executed by MLflow, never imported by the library.
 """
 
 from __future__ import annotations
@@ -59,9 +60,8 @@ class DiffusionSampler(PythonModel):
             if any(v != NULL_LABEL for v in labels):
                 raise ConfigError("label: this model is unconditional; accepted: -1 or no label column")
             return None
-        bad = sorted({v for v in labels if not (v == NULL_LABEL or 0 <= v < num_classes)})
-        if bad:
-            raise ConfigError(f"label: {bad} out of range; accepted: -1 or 0..{num_classes - 1}")
+        if any(not (v == NULL_LABEL or 0 <= v < num_classes) for v in labels):
+            raise ConfigError(f"label: out of range; accepted: -1 or 0..{num_classes - 1}")
         return labels
 
 

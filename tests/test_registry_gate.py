@@ -1,0 +1,77 @@
+"""The promotion gate as a pure function: scores and policy in, verdict out (no MLflow)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from diffusion_core.adapters.mlflow_registry import GatePolicy, RegistryConfig, RegistryError
+from diffusion_core.adapters.mlflow_registry.gate import CandidateScores, decide, parse_score
+
+POLICY = GatePolicy(margin=0.02, min_precision=0.5, min_recall=0.5)
+
+
+def good(fd: float) -> CandidateScores:
+    return CandidateScores(fd=fd, precision=0.9, recall=0.9)
+
+
+def test_the_candidate_must_beat_the_champion_by_the_relative_margin() -> None:
+    assert decide(good(98.0), 100.0, POLICY).action == "promoted"  # 98 <= 100 * 0.98
+    assert decide(good(98.01), 100.0, POLICY).action == "rejected"
+    wide = GatePolicy(margin=0.6, min_precision=0, min_recall=0)
+    assert decide(good(50.0), 100.0, wide).action == "rejected"
+
+
+def test_a_first_version_is_promoted_only_above_the_floor() -> None:
+    assert decide(good(400.0), None, POLICY).reason == "no champion yet"
+    low = CandidateScores(fd=1.0, precision=0.14, recall=0.27)  # an untrained model's numbers
+    verdict = decide(low, None, POLICY)
+    assert verdict.action == "rejected" and "min_precision" in verdict.reason
+    assert decide(CandidateScores(fd=1.0, precision=0.9, recall=0.3), None, POLICY).action == "rejected"
+    capped = GatePolicy(margin=0.02, min_precision=0, min_recall=0, max_fd=50.0)
+    assert decide(CandidateScores(fd=60.0), None, capped).action == "rejected"
+    assert decide(CandidateScores(fd=40.0), None, capped).action == "promoted"
+
+
+@pytest.mark.parametrize("fd", [math.nan, math.inf, -math.inf, -1.0])
+def test_invalid_candidate_fd_is_rejected_whatever_the_champion(fd: float) -> None:
+    for champion in (None, 10.0, math.nan, math.inf):
+        verdict = decide(good(fd), champion, POLICY)
+        assert verdict.action == "rejected" and "eval_fd" in verdict.reason
+
+
+@pytest.mark.parametrize("share", [math.nan, -0.1, 1.5])
+def test_invalid_precision_or_recall_is_rejected(share: float) -> None:
+    assert decide(CandidateScores(fd=1.0, precision=share, recall=0.9), None, POLICY).action == "rejected"
+    assert decide(CandidateScores(fd=1.0, precision=0.9, recall=share), None, POLICY).action == "rejected"
+
+
+@pytest.mark.parametrize("champion", [math.nan, math.inf, -3.0])
+def test_an_invalid_champion_fd_sets_no_bar(champion: float) -> None:
+    verdict = decide(good(1e6), champion, POLICY)
+    assert verdict.action == "promoted" and "sets no bar" in verdict.reason
+
+
+def test_missing_scores_are_an_error_not_a_verdict() -> None:
+    with pytest.raises(RegistryError, match="no eval_fd"):
+        decide(CandidateScores(fd=None, precision=0.9, recall=0.9), None, POLICY)
+    with pytest.raises(RegistryError, match="no eval_precision, eval_recall"):
+        decide(CandidateScores(fd=1.0), 2.0, POLICY)
+    no_floor = GatePolicy(margin=0.02, min_precision=0, min_recall=0)
+    assert decide(CandidateScores(fd=1.0), 2.0, no_floor).action == "promoted"
+
+
+def test_force_skips_every_check() -> None:
+    assert decide(CandidateScores(fd=None), 1.0, POLICY, force=True).action == "forced"
+
+
+def test_recorded_scores_parse_to_none_number_or_nan() -> None:
+    assert parse_score(None) is None and parse_score("2.5") == 2.5
+    assert math.isnan(parse_score("not a number")) and parse_score("inf") == math.inf
+
+
+def test_the_config_builds_the_policy_with_the_documented_defaults() -> None:
+    assert RegistryConfig().gate_policy() == GatePolicy(margin=0.02, min_precision=0.5, min_recall=0.5)
+    with pytest.raises(ValueError, match="min_precision"):
+        RegistryConfig(min_precision=1.5)
