@@ -175,7 +175,9 @@ class LocalRayCluster:
         host, port = self.address.split(":")
         args += ["--head", "--port", port, "--ray-client-server-port", str(free_port())]
         if self.dashboard_port is None:
-            return [*args, "--include-dashboard=false"]
+            # A free port even so: `ray start` still checks its dashboard port, and the default
+            # 8265 may belong to another Ray on this machine.
+            return [*args, "--include-dashboard=false", "--dashboard-port", str(free_port())]
         return [*args, "--include-dashboard=true", "--dashboard-host", host,
                 "--dashboard-port", str(self.dashboard_port)]
 

@@ -536,6 +536,8 @@ class Rehearsal:
     ray: RayHandle | None = None
     prefect: PrefectHandle | None = None
     worker: PrefectWorkerHandle | None = None
+    # Where the worker runs flow runs from (the project checkout, as the image's WORKDIR).
+    worker_cwd: Path | None = None
     startup_s: float = 0.0
     _services: list[Any] = field(default_factory=list, repr=False)
     _stopped: list[Any] = field(default_factory=list, repr=False)
@@ -553,7 +555,8 @@ class Rehearsal:
                 self.ray = self._start(LocalRay({**self.s3.client_env(), **self.mlflow.client_env()},
                                                 num_nodes=num_ray_nodes))
                 self.prefect = prefect.result()
-            self.worker = self._start(LocalPrefectWorker(self.prefect, self.client_env()))
+            self.worker = self._start(LocalPrefectWorker(self.prefect, self.client_env(),
+                                                         cwd=self.worker_cwd))
         except BaseException:
             self.stop()
             raise
@@ -614,7 +617,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="where to write the clients' exports (mode 0600; it holds credentials)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    with Rehearsal() as stack:
+    with Rehearsal(worker_cwd=Path.cwd()) as stack:
         env_file = write_env_file(args.env_file.resolve(), stack.client_env())
         print(f"MLflow        {stack.mlflow.tracking_uri}  (user {stack.mlflow.username}, "
               f"password in {env_file})")

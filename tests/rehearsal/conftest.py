@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -25,11 +26,12 @@ from infra.rehearsal import (
 )
 
 logger = logging.getLogger(__name__)
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")
 def rehearsal() -> Iterator[Rehearsal]:
-    stack = Rehearsal()
+    stack = Rehearsal(worker_cwd=REPO)
     stack.start()
     logger.info("rehearsal stack up in %.1f s; per service: %s", stack.startup_s, stack.startup_times())
     try:
