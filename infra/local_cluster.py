@@ -23,6 +23,7 @@ import contextlib
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -92,6 +93,7 @@ class LocalRayCluster:
     address: str = ""
     auth_token: str = field(default_factory=lambda: secrets.token_hex(32), repr=False)
     token_path: Path | None = None
+    _owns_root: bool = field(default=False, repr=False)
 
     @property
     def dashboard_url(self) -> str | None:
@@ -125,6 +127,7 @@ class LocalRayCluster:
         if self.num_nodes < 1:
             raise ValueError(f"num_nodes must be >= 1, got {self.num_nodes}")
         # Unix socket paths must stay under 108 bytes: a short root under /tmp keeps them there.
+        self._owns_root = self.root is None
         self.root = Path(self.root or tempfile.mkdtemp(prefix="rayc", dir="/tmp"))
         self.address = f"127.0.0.1:{free_port()}"
         self._write_token()
@@ -185,7 +188,8 @@ class LocalRayCluster:
         return [p for node in self.nodes for p in node.processes()]
 
     def stop(self, grace_s: float = 3.0) -> None:
-        """Terminate every process of every node (workers first), then kill what is left.
+        """Terminate every process of every node (workers first), then kill what is left; remove
+        the token file, and the whole root when the cluster made it.
 
         raylet and gcs_server can take longer than a rehearsal is worth to exit on SIGTERM; the
         cluster is disposable, so after `grace_s` the rest is killed.
@@ -197,6 +201,10 @@ class LocalRayCluster:
             time.sleep(0.2)
         _signal_all(self.processes(), signal.SIGKILL)
         psutil.wait_procs(self.processes(), timeout=5)
+        if self.root is not None and self._owns_root:
+            shutil.rmtree(self.root, ignore_errors=True)
+        elif self.token_path is not None:
+            self.token_path.unlink(missing_ok=True)
 
     def __enter__(self) -> LocalRayCluster:
         self.start()
@@ -212,6 +220,32 @@ def _signal_all(processes: list[psutil.Process], sig: signal.Signals) -> None:
             proc.send_signal(sig)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def interrupt_on_stop_signals() -> None:
+    """Make Ctrl-C and SIGTERM raise KeyboardInterrupt, so that `with` blocks stop what they
+    started. Python leaves SIGINT ignored in a process that started with it ignored (a background
+    job of a non-interactive shell) and dies on SIGTERM without cleanup; both are handled here.
+    After the first signal further ones are ignored: the cleanup that follows must finish, or its
+    processes outlive it."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        logger.info("stopping (signal %d)", signum)
+        raise KeyboardInterrupt
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, interrupt)
+
+
+def serve_until_stopped() -> None:
+    """Block until a stop signal (see interrupt_on_stop_signals)."""
+    with contextlib.suppress(KeyboardInterrupt):
+        signal.pause()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["up"])
@@ -220,6 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dashboard-port", type=int, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    interrupt_on_stop_signals()
     cluster = LocalRayCluster(args.nodes, args.cpus_per_node, args.dashboard_port)
     with cluster:
         # The token itself stays in its file: the exports name the file.
@@ -228,8 +263,7 @@ def main(argv: list[str] | None = None) -> None:
         if cluster.dashboard_url:
             print(f"# dashboard: {cluster.dashboard_url} (Authorization: Bearer $(cat {cluster.token_path}))",
                   flush=True)
-        with contextlib.suppress(KeyboardInterrupt):
-            signal.pause()
+        serve_until_stopped()
 
 
 if __name__ == "__main__":

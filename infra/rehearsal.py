@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from infra.local_cluster import LocalRayCluster, free_port
+from infra.local_cluster import LocalRayCluster, free_port, interrupt_on_stop_signals, serve_until_stopped
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ class ServiceProcess:
 
     def stop(self, sig: signal.Signals = signal.SIGTERM, grace_s: float = 15.0) -> None:
         """`sig` to the whole group, SIGKILL to what is left after `grace_s`."""
+        started = time.monotonic()
         for signum, wait_s in ((sig, grace_s), (signal.SIGKILL, 5.0)):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signum)
@@ -79,7 +80,9 @@ class ServiceProcess:
                 time.sleep(0.1)
             if not self.group_alive():
                 break
+            logger.warning("%s ignored %s for %.0f s: killed", self.name, signal.Signals(signum).name, wait_s)
         self._log.close()
+        logger.info("%s stopped in %.1f s", self.name, time.monotonic() - started)
 
     def group_alive(self) -> bool:
         self.proc.poll()  # reap the leader: a zombie would keep its group "alive"
@@ -514,9 +517,7 @@ class LocalRay:
         return bool(self.cluster.processes())
 
     def stop(self) -> None:
-        self.cluster.stop()
-        if self.cluster.root is not None:
-            shutil.rmtree(self.cluster.root, ignore_errors=True)
+        self.cluster.stop()  # removes its temp dir and token file too
 
 
 # ---------------------------------------------------------------- the whole stack
@@ -617,6 +618,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="where to write the clients' exports (mode 0600; it holds credentials)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    interrupt_on_stop_signals()
     with Rehearsal(worker_cwd=Path.cwd()) as stack:
         env_file = write_env_file(args.env_file.resolve(), stack.client_env())
         print(f"MLflow        {stack.mlflow.tracking_uri}  (user {stack.mlflow.username}, "
@@ -629,9 +631,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"S3            {stack.s3.endpoint_url}  bucket {stack.s3.bucket}")
         print(f"start-up (s)  {stack.startup_times()}")
         print(f"clients:      source {env_file}    Ctrl-C stops everything", flush=True)
-        with contextlib.suppress(KeyboardInterrupt):
-            signal.pause()
-    args.env_file.unlink(missing_ok=True)
+        try:
+            serve_until_stopped()
+        finally:
+            env_file.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
