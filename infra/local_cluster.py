@@ -7,9 +7,13 @@ every Ray process of this user on the machine, including ones this cluster does 
 
     python -m infra.local_cluster up --nodes 2       # prints the driver's environment; Ctrl-C stops it
 
-Nodes and drivers authenticate with a token made for this cluster (Ray's token auth, as on a
-shared cluster). Being explicit also keeps the cluster independent of a `~/.ray/auth_token`
-left on the machine, which Ray 2.60's GCS otherwise enforces against clients that send none.
+Nodes and drivers authenticate with a token made for this cluster (Ray's token auth,
+RAY_AUTH_MODE=token, as on a shared cluster). The token lives in a file readable by its owner only
+(0600), named by RAY_AUTH_TOKEN_PATH, so it never appears in a process listing, a terminal or a
+log; HTTP clients of the dashboard send it as `Authorization: Bearer <token>` (`auth_headers`),
+and Ray's own clients (`ray.init`, `JobSubmissionClient`, `ray job submit`) read the file
+themselves. Being explicit also keeps the cluster independent of a `~/.ray/auth_token` left on
+the machine, which Ray 2.60's GCS otherwise enforces against clients that send none.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import contextlib
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -73,7 +78,9 @@ class LocalRayCluster:
     on the head when given: it also runs the driver and Ray Data's read tasks).
 
     `address` (host:port of the head's GCS) is what a driver passes as RAY_ADDRESS.
-    `dashboard_port` None leaves the dashboard off.
+    `dashboard_port` None leaves the dashboard off; it listens on 127.0.0.1 only.
+    `node_env` is added to every node's environment (and so to every Ray worker process), as a
+    cluster's pods get theirs from ConfigMaps and Secrets.
     """
 
     num_nodes: int = 2
@@ -81,23 +88,49 @@ class LocalRayCluster:
     dashboard_port: int | None = None
     head_cpus: int | None = None
     root: Path | None = None
+    node_env: dict[str, str] = field(default_factory=dict, repr=False)
     nodes: list[LocalNode] = field(default_factory=list)
     address: str = ""
     auth_token: str = field(default_factory=lambda: secrets.token_hex(32), repr=False)
+    token_path: Path | None = None
+    _owns_root: bool = field(default=False, repr=False)
+
+    @property
+    def dashboard_url(self) -> str | None:
+        """The dashboard / Jobs API / Serve REST API, or None when the dashboard is off."""
+        if self.dashboard_port is None:
+            return None
+        return f"http://{self.address.split(':')[0]}:{self.dashboard_port}"
 
     def driver_env(self) -> dict[str, str]:
         """What a driver (CLI, script, RayJob-like entrypoint) adds to its environment to use us."""
         return {"RAY_ADDRESS": self.address, **self._auth_env()}
 
+    def auth_headers(self) -> dict[str, str]:
+        """The header an HTTP client of the dashboard (Jobs, Serve REST API) sends."""
+        return {"Authorization": f"Bearer {self.auth_token}"}
+
     def _auth_env(self) -> dict[str, str]:
-        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.auth_token, "RAY_USAGE_STATS_ENABLED": "0"}
+        if self.token_path is None:
+            raise RuntimeError("the cluster has not been started: its token file does not exist yet")
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_path),
+                "RAY_USAGE_STATS_ENABLED": "0"}
+
+    def _write_token(self) -> None:
+        """The token in a file that only its owner can read (O_EXCL: never an existing file)."""
+        self.token_path = self.root / "auth_token"
+        fd = os.open(self.token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.auth_token)
 
     def start(self, timeout_s: float = 120.0) -> str:
         if self.num_nodes < 1:
             raise ValueError(f"num_nodes must be >= 1, got {self.num_nodes}")
         # Unix socket paths must stay under 108 bytes: a short root under /tmp keeps them there.
+        self._owns_root = self.root is None
         self.root = Path(self.root or tempfile.mkdtemp(prefix="rayc", dir="/tmp"))
         self.address = f"127.0.0.1:{free_port()}"
+        self._write_token()
         try:
             self._start_node(head=True, timeout_s=timeout_s)
             for _ in range(self.num_nodes - 1):
@@ -130,7 +163,7 @@ class LocalRayCluster:
 
     def _node_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
-        return {**env, **self._auth_env()}
+        return {**env, **self.node_env, **self._auth_env()}
 
     def _node_args(self, node: LocalNode, head: bool) -> list[str]:
         args = [
@@ -145,7 +178,9 @@ class LocalRayCluster:
         host, port = self.address.split(":")
         args += ["--head", "--port", port, "--ray-client-server-port", str(free_port())]
         if self.dashboard_port is None:
-            return [*args, "--include-dashboard=false"]
+            # A free port even so: `ray start` still checks its dashboard port, and the default
+            # 8265 may belong to another Ray on this machine.
+            return [*args, "--include-dashboard=false", "--dashboard-port", str(free_port())]
         return [*args, "--include-dashboard=true", "--dashboard-host", host,
                 "--dashboard-port", str(self.dashboard_port)]
 
@@ -153,7 +188,8 @@ class LocalRayCluster:
         return [p for node in self.nodes for p in node.processes()]
 
     def stop(self, grace_s: float = 3.0) -> None:
-        """Terminate every process of every node (workers first), then kill what is left.
+        """Terminate every process of every node (workers first), then kill what is left; remove
+        the token file, and the whole root when the cluster made it.
 
         raylet and gcs_server can take longer than a rehearsal is worth to exit on SIGTERM; the
         cluster is disposable, so after `grace_s` the rest is killed.
@@ -165,6 +201,10 @@ class LocalRayCluster:
             time.sleep(0.2)
         _signal_all(self.processes(), signal.SIGKILL)
         psutil.wait_procs(self.processes(), timeout=5)
+        if self.root is not None and self._owns_root:
+            shutil.rmtree(self.root, ignore_errors=True)
+        elif self.token_path is not None:
+            self.token_path.unlink(missing_ok=True)
 
     def __enter__(self) -> LocalRayCluster:
         self.start()
@@ -180,6 +220,32 @@ def _signal_all(processes: list[psutil.Process], sig: signal.Signals) -> None:
             proc.send_signal(sig)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def interrupt_on_stop_signals() -> None:
+    """Make Ctrl-C and SIGTERM raise KeyboardInterrupt, so that `with` blocks stop what they
+    started. Python leaves SIGINT ignored in a process that started with it ignored (a background
+    job of a non-interactive shell) and dies on SIGTERM without cleanup; both are handled here.
+    After the first signal further ones are ignored: the cleanup that follows must finish, or its
+    processes outlive it."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        logger.info("stopping (signal %d)", signum)
+        raise KeyboardInterrupt
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, interrupt)
+
+
+def serve_until_stopped() -> None:
+    """Block until a stop signal (see interrupt_on_stop_signals)."""
+    with contextlib.suppress(KeyboardInterrupt):
+        signal.pause()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["up"])
@@ -188,12 +254,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dashboard-port", type=int, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    interrupt_on_stop_signals()
     cluster = LocalRayCluster(args.nodes, args.cpus_per_node, args.dashboard_port)
     with cluster:
+        # The token itself stays in its file: the exports name the file.
         for name, value in cluster.driver_env().items():
             print(f"export {name}={value}", flush=True)
-        with contextlib.suppress(KeyboardInterrupt):
-            signal.pause()
+        if cluster.dashboard_url:
+            print(f"# dashboard: {cluster.dashboard_url} (Authorization: Bearer $(cat {cluster.token_path}))",
+                  flush=True)
+        serve_until_stopped()
 
 
 if __name__ == "__main__":

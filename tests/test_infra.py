@@ -1,12 +1,15 @@
 """The deployment assets under infra/ are real configuration that matches the project.
 
-Every manifest is parsed; kinds and API versions, images and versions, entrypoints and module
-paths, resource requests and the RayService's Serve config are checked against the code and
-config files they name, and no credential appears as a literal.
+Every manifest validates against the schema that would enforce it (KubeRay CRDs, Kubernetes API,
+Serve config; infra/validate.py); kinds and API versions, images and versions, entrypoints and
+module paths, resource requests and the RayService's Serve config are checked against the code and
+config files they name; the security settings (token auth, NetworkPolicy, non-root pods, MLflow
+authentication, credentials only where needed) hold, and no credential appears as a literal.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.util
 import os
@@ -21,6 +24,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+from infra import render, validate
 
 REPO = Path(__file__).resolve().parent.parent
 INFRA = REPO / "infra"
@@ -37,20 +42,9 @@ PROJECT_VERSION = PYPROJECT["project"]["version"]
 API_VERSIONS = {
     "RayCluster": "ray.io/v1", "RayJob": "ray.io/v1", "RayService": "ray.io/v1",
     "Deployment": "apps/v1", "Service": "v1", "Namespace": "v1", "ConfigMap": "v1",
-    "Kustomization": "kustomize.config.k8s.io/v1beta1",
+    "NetworkPolicy": "networking.k8s.io/v1", "Kustomization": "kustomize.config.k8s.io/v1beta1",
 }
 POOL = "diffusion-pool"
-
-
-def _load_render():
-    """infra/render.py by path: the repository root is not necessarily on sys.path under pytest."""
-    spec = importlib.util.spec_from_file_location("infra_render", INFRA / "render.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-render = _load_render()
 
 
 def k8s_documents() -> Iterator[tuple[Path, dict[str, Any]]]:
@@ -72,10 +66,8 @@ def one(kind: str) -> dict[str, Any]:
 
 def cluster_specs() -> dict[str, dict[str, Any]]:
     """The Ray cluster spec inside each KubeRay resource, by kind."""
-    specs = {"RayCluster": one("RayCluster")["spec"], "RayJob": one("RayJob")["spec"]["rayClusterSpec"]}
-    if SERVE_CONFIG.is_file():
-        specs["RayService"] = one("RayService")["spec"]["rayClusterConfig"]
-    return specs
+    return {"RayCluster": one("RayCluster")["spec"], "RayJob": one("RayJob")["spec"]["rayClusterSpec"],
+            "RayService": one("RayService")["spec"]["rayClusterConfig"]}
 
 
 def pod_specs(cluster: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -84,16 +76,21 @@ def pod_specs(cluster: dict[str, Any]) -> Iterator[dict[str, Any]]:
         yield group["template"]["spec"]
 
 
-def all_containers() -> Iterator[tuple[str, dict[str, Any]]]:
-    """(where, container) for every container of every workload manifest."""
+def all_pods() -> Iterator[tuple[str, dict[str, Any]]]:
+    """(manifest or kind, pod spec) for every pod template of every workload manifest."""
     for path, doc in k8s_documents():
         if doc["kind"] == "Deployment":
-            for c in doc["spec"]["template"]["spec"]["containers"]:
-                yield f"{path.name}:{c['name']}", c
+            yield path.name, doc["spec"]["template"]["spec"]
     for kind, cluster in cluster_specs().items():
         for pod in pod_specs(cluster):
-            for c in pod["containers"]:
-                yield f"{kind}:{c['name']}", c
+            yield kind, pod
+
+
+def all_containers() -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, container) for every container of every workload manifest."""
+    for where, pod in all_pods():
+        for c in pod["containers"]:
+            yield f"{where}:{c['name']}", c
 
 
 def compose() -> dict[str, Any]:
@@ -101,15 +98,19 @@ def compose() -> dict[str, Any]:
 
 
 def require(path: Path) -> None:
-    if not path.is_file():
-        pytest.skip(f"{path.relative_to(REPO)} has not landed yet (owned by another area)")
+    assert path.is_file(), f"{path.relative_to(REPO)} is missing: the manifests are built from it"
 
 
 # ---------------------------------------------------------------- parsing, kinds, generation
 
 
+def infra_yaml_files() -> list[Path]:
+    """Every YAML file under infra/ that this project writes (the vendored CRD schemas excluded)."""
+    return sorted(p for p in INFRA.rglob("*.yaml") if not p.is_relative_to(validate.CRD_DIR))
+
+
 def test_every_yaml_under_infra_parses() -> None:
-    paths = sorted(INFRA.rglob("*.yaml"))
+    paths = infra_yaml_files()
     assert len(paths) >= 10
     for path in paths:
         docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
@@ -144,9 +145,16 @@ def test_render_check_detects_a_stale_manifest(tmp_path: Path, monkeypatch: pyte
 
 
 def test_all_ray_resources_share_the_template_cluster_spec() -> None:
+    """One cluster spec; the training clusters add the S3 credentials, the serving one its API key."""
     template = render.load_cluster_spec()
-    for kind, spec in cluster_specs().items():
-        assert spec == template, f"{kind} cluster spec differs from infra/templates"
+    specs = cluster_specs()
+    assert specs["RayCluster"] == specs["RayJob"] == render.with_env(template, render.S3_CREDENTIALS_ENV)
+    assert specs["RayService"] == render.with_env(template, render.SERVE_API_KEY_ENV)
+    plain = copy.deepcopy(specs["RayService"])
+    for pod in pod_specs(plain):
+        for c in pod["containers"]:
+            c["env"] = c["env"][:-len(render.SERVE_API_KEY_ENV)]
+    assert plain == template
 
 
 def test_kustomize_builds_every_resource_into_the_namespace() -> None:
@@ -192,10 +200,10 @@ def test_rayservice_serve_config_is_the_projects_serve_config() -> None:
     embedded = yaml.safe_load(one("RayService")["spec"]["serveConfigV2"])
     assert embedded == render.cluster_serve_config(project, overrides)
     ours, theirs = leaves(embedded), leaves(project)
-    assert set(ours) == set(theirs), "the cluster config must not add or drop settings"
-    changed = {k for k in ours if ours[k] != theirs[k]}
+    assert set(theirs) <= set(ours), "the cluster config must not drop settings"
+    changed = {k for k in ours if k not in theirs or ours[k] != theirs[k]}
     declared = {tuple(x for x in k if x != "deployments") for k in changed}
-    assert declared <= override_leaves(overrides)
+    assert declared <= override_leaves(overrides), "only the declared overrides may add or change"
     # What the cluster needs: the proxy on the pod address, GPU model replicas, the tracking URI
     # of the ConfigMap (null -> MLFLOW_TRACKING_URI), and the same applications and import paths.
     assert embedded["http_options"]["host"] == "0.0.0.0"
@@ -474,6 +482,8 @@ def test_dockerignore_keeps_secrets_out_and_sources_in() -> None:
 
 SECRET_NAME = re.compile(r"password|secret|token|access_key|api_key|credential", re.I)
 CREDENTIALS_IN_URL = re.compile(r"://[^/\s:@]+:([^@\s]+)@")
+# Keys whose value names a Secret (or an env var) rather than holding one.
+SECRET_REFERENCE_KEYS = {"name", "secretName", "api_key_env"}
 ENV_REFERENCE = re.compile(r"^\$\{\w+(:?[-?][^}]*)?\}$")
 
 
@@ -492,7 +502,7 @@ def secret_literals(node: Any, path: str = "") -> list[str]:
             found.append(f"{path}.{node['name']}: literal env value")
         for key, value in node.items():
             literal = isinstance(value, str) and bool(value) and not ENV_REFERENCE.match(value)
-            if literal and SECRET_NAME.search(str(key)) and key != "name":
+            if literal and SECRET_NAME.search(str(key)) and key not in SECRET_REFERENCE_KEYS:
                 found.append(f"{path}.{key}: literal {value!r}")
             found += secret_literals(value, f"{path}.{key}")
     elif isinstance(node, list):
@@ -507,7 +517,7 @@ def secret_literals(node: Any, path: str = "") -> list[str]:
 
 def test_no_secret_literals_in_any_manifest() -> None:
     checked = 0
-    for path in sorted(INFRA.rglob("*.yaml")):
+    for path in infra_yaml_files():
         for doc in yaml.safe_load_all(path.read_text()):
             assert secret_literals(doc, path.name) == []
             checked += 1
@@ -557,3 +567,315 @@ def test_cli_is_importable_in_a_clean_interpreter() -> None:
     out = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "train" in out.stdout
+
+
+# ---------------------------------------------------------------- schemas the cluster enforces
+
+
+def test_every_manifest_validates_against_the_schema_that_enforces_it() -> None:
+    """KubeRay CRDs, the Kubernetes API (strict: no unknown field), Serve's config schema, compose."""
+    checked = validate.manifest_paths()
+    assert {p.name for p in checked} >= {"raycluster.yaml", "rayjob.yaml", "rayservice.yaml",
+                                          "networkpolicy.yaml", "mlflow.yaml", "kustomization.yaml"}
+    problems = validate.validate_all()
+    assert problems == [], "\n".join(map(str, problems))
+
+
+def test_the_kuberay_schemas_are_in_the_repository() -> None:
+    schemas = validate.crd_schemas()
+    assert {kind for _, kind in schemas} == {"RayCluster", "RayJob", "RayService"}
+    assert validate.CRD_DIR.is_relative_to(REPO), "CI must not depend on files outside the repository"
+
+
+def _raycluster() -> dict[str, Any]:
+    return copy.deepcopy(one("RayCluster"))
+
+
+def test_validation_rejects_a_misspelled_field_in_a_ray_pod_template() -> None:
+    doc = _raycluster()
+    container = doc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    container["imagePullPolicyy"] = "Always"
+    errors = list(validate.manifest_errors(doc))
+    assert [loc for loc, _ in errors] == ["spec.headGroupSpec.template.spec.containers[0]"]
+    assert "imagePullPolicyy" in errors[0][1]
+
+
+@pytest.mark.parametrize("mutate, where", [
+    (lambda d: d["spec"].update(authOption={"mode": "token"}), "spec"),
+    (lambda d: d["spec"]["authOptions"].update(mode="tokens"), "spec.authOptions.mode"),
+    (lambda d: d["spec"]["workerGroupSpecs"][0].update(maxReplicas="4"),
+     "spec.workerGroupSpecs[0].maxReplicas"),
+    (lambda d: d["metadata"].update(label={"a": "b"}), "metadata"),
+    (lambda d: d["spec"].pop("headGroupSpec"), "spec"),
+])
+def test_validation_rejects_what_kuberay_would(mutate, where: str) -> None:
+    doc = _raycluster()
+    mutate(doc)
+    assert where in [loc for loc, _ in validate.manifest_errors(doc)]
+
+
+def test_validation_rejects_unknown_fields_of_core_resources() -> None:
+    deployment = copy.deepcopy(next(d for d in docs_of_kind("Deployment")
+                                    if d["metadata"]["name"] == "mlflow"))
+    deployment["spec"]["template"]["spec"]["containers"][0]["securityContex"] = {}
+    assert [loc for loc, _ in validate.manifest_errors(deployment)] == ["spec.template.spec.containers[0]"]
+    policy = copy.deepcopy(docs_of_kind("NetworkPolicy")[0])
+    policy["spec"]["ingres"] = policy["spec"].pop("ingress")
+    assert list(validate.manifest_errors(policy))
+    unknown = {"apiVersion": "v1", "kind": "Secrett", "metadata": {"name": "x"}}
+    assert list(validate.manifest_errors(unknown))
+
+
+def test_validation_rejects_serve_options_that_serve_would_drop() -> None:
+    service = copy.deepcopy(one("RayService"))
+    config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    model = config["applications"][0]["deployments"][0]
+    model["autoscaling_config"]["target_ongoing_request"] = model["autoscaling_config"].pop(
+        "target_ongoing_requests")
+    service["spec"]["serveConfigV2"] = yaml.safe_dump(config)
+    locations = [loc for loc, _ in validate.manifest_errors(service)]
+    assert any(loc.endswith("autoscaling_config.target_ongoing_request") for loc in locations), locations
+
+
+def test_validation_checks_compose_and_kustomization_field_names(tmp_path: Path) -> None:
+    doc = compose()
+    doc["services"]["mlflow"]["enviroment"] = doc["services"]["mlflow"].pop("environment")
+    doc["services"]["mlflow"]["configs"] = [{"source": "missing", "target": "/x"}]
+    locations = [loc for loc, _ in validate.compose_errors(doc)]
+    assert "services.mlflow.enviroment" in locations and "services.mlflow.configs" in locations
+    kustomization = copy.deepcopy(one("Kustomization"))
+    kustomization["resource"] = kustomization.pop("resources")
+    assert [loc for loc, _ in validate.manifest_errors(kustomization)] == ["resource"]
+    kustomization = copy.deepcopy(one("Kustomization"))
+    kustomization["resources"].append("missing.yaml")
+    assert list(validate.manifest_errors(kustomization))
+
+
+def test_validate_cli_reports_the_file_and_field(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    infra = tmp_path / "infra"
+    shutil.copytree(INFRA / "k8s", infra / "k8s")
+    shutil.copytree(INFRA / "compose", infra / "compose")
+    path = infra / "k8s" / "raycluster.yaml"
+    path.write_text(path.read_text().replace("        - name: ray-head\n",
+                                             "        - name: ray-head\n          imagee: x\n"))
+    problems = validate.validate_all(infra)
+    assert len(problems) == 1
+    assert "raycluster.yaml: RayCluster/diffusion-raycluster at spec.headGroupSpec" in str(problems[0])
+    assert "'imagee' was unexpected" in str(problems[0])
+
+
+# ---------------------------------------------------------------- security
+
+
+def test_every_ray_cluster_requires_a_token() -> None:
+    import ray
+
+    version = tuple(int(x) for x in ray.__version__.split(".")[:2])
+    assert version >= (2, 52), "token authentication needs Ray 2.52"
+    for kind, cluster in cluster_specs().items():
+        assert cluster["authOptions"] == {"mode": "token", "secretName": "diffusion-ray-auth"}, kind
+    worker = next(c for w, c in all_containers() if w.startswith("prefect-worker"))
+    env = {e["name"]: e for e in worker["env"]}
+    assert env["RAY_AUTH_MODE"]["value"] == "token"
+    assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "diffusion-ray-auth",
+                                                                  "key": "auth_token"}
+    readme = (INFRA / "README.md").read_text()
+    assert re.search(r"create secret generic diffusion-ray-auth --from-literal=auth_token=", readme)
+    # Compose: every Ray node and the worker (its own Ray included) run with the token.
+    for name in ("ray-head", "ray-worker", "prefect-worker"):
+        environment = compose()["services"][name]["environment"]
+        assert environment["RAY_AUTH_MODE"] == "token", name
+        assert environment["RAY_AUTH_TOKEN"].startswith("${RAY_AUTH_TOKEN:?"), name
+
+
+def test_pods_run_unprivileged_on_a_read_only_root() -> None:
+    for where, pod in all_pods():
+        security = pod.get("securityContext", {})
+        assert security.get("runAsNonRoot") is True and security.get("runAsUser", 0) != 0, where
+        assert security.get("seccompProfile") == {"type": "RuntimeDefault"}, where
+        for c in pod["containers"]:
+            context = c.get("securityContext", {})
+            assert context.get("allowPrivilegeEscalation") is False, f"{where}:{c['name']}"
+            assert context.get("capabilities") == {"drop": ["ALL"]}, f"{where}:{c['name']}"
+            assert context.get("readOnlyRootFilesystem") is True, f"{where}:{c['name']}"
+            mounts = {m["mountPath"] for m in c.get("volumeMounts", [])}
+            assert "/tmp" in mounts, f"{where}:{c['name']}: nothing writable for temp files"
+    for kind, cluster in cluster_specs().items():
+        assert cluster["autoscalerOptions"]["securityContext"]["allowPrivilegeEscalation"] is False, kind
+
+
+def secret_refs(container: dict[str, Any]) -> set[str]:
+    return {e["valueFrom"]["secretKeyRef"]["name"] for e in container.get("env", [])
+            if "secretKeyRef" in e.get("valueFrom", {})}
+
+
+def test_s3_credentials_only_where_s3_is_used() -> None:
+    holders = {where for where, c in all_containers() if "diffusion-pipeline-s3" in secret_refs(c)}
+    assert holders == {"mlflow.yaml:mlflow", "prefect-worker.yaml:prefect-worker",
+                       "RayCluster:ray-head", "RayCluster:ray-worker", "RayJob:ray-head", "RayJob:ray-worker"}
+    for where, c in all_containers():
+        if where.startswith("RayService"):
+            assert not any(e["name"].startswith("AWS_") for e in c.get("env", [])), where
+
+
+def test_mlflow_server_authenticates_and_its_clients_log_in() -> None:
+    server = next(c for w, c in all_containers() if w == "mlflow.yaml:mlflow")
+    assert server["args"][-2:] == ["--app-name", "basic-auth"]
+    env = {e["name"]: e for e in server["env"]}
+    for name in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        assert env[name]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-auth", name
+    assert "mlflow[auth]==" in MLFLOW_DOCKERFILE.read_text(), "the basic-auth app needs Flask-WTF"
+    # Every container that talks to MLflow (ConfigMap MLFLOW_TRACKING_URI) logs in from a Secret.
+    for where, c in all_containers():
+        if any(s["configMapRef"]["name"] == "diffusion-pipeline-env" for s in c.get("envFrom", [])):
+            names = {e["name"]: e for e in c["env"]}
+            for var, key in (("MLFLOW_TRACKING_USERNAME", "username"),
+                             ("MLFLOW_TRACKING_PASSWORD", "password")):
+                assert names[var]["valueFrom"]["secretKeyRef"] == {"name": "mlflow-client", "key": key}, where
+    services = compose()["services"]
+    assert services["mlflow"]["command"][-2:] == ["--app-name", "basic-auth"]
+    assert services["mlflow"]["environment"]["MLFLOW_AUTH_CONFIG_PATH"] == \
+        services["mlflow"]["configs"][0]["target"]
+    for name in ("prefect-worker", "ray-head", "ray-worker"):
+        assert services[name]["environment"]["MLFLOW_TRACKING_PASSWORD"].startswith("${MLFLOW_ADMIN_PASSWORD")
+
+
+def test_mlflow_database_uris_name_the_installed_driver() -> None:
+    """SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; the MLflow image has psycopg2."""
+    assert "psycopg2-binary" in MLFLOW_DOCKERFILE.read_text()
+    doc = compose()
+    auth_config = doc["configs"]["mlflow-auth"]["content"]
+    uris = [doc["services"]["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"],
+            re.search(r"^database_uri = (\S+)$", auth_config, re.M).group(1)]
+    for uri in uris:
+        assert uri.startswith("postgresql+psycopg2://"), uri.split("://")[0]
+    assert "postgresql+psycopg2://" in (INFRA / "README.md").read_text()
+
+
+def test_published_ports_and_dashboards_stay_on_loopback() -> None:
+    for name, service in compose()["services"].items():
+        for port in service.get("ports", []):
+            assert port.startswith("127.0.0.1:"), f"compose {name} publishes {port} beyond loopback"
+
+
+# ---------------------------------------------------------------- network policy
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    assert set(selector) <= {"matchLabels"}, "only matchLabels selectors are evaluated here"
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+RAY_HEAD = {"app.kubernetes.io/name": "diffusion-ray", "ray.io/node-type": "head"}
+RAY_WORKER = {"app.kubernetes.io/name": "diffusion-ray", "ray.io/node-type": "worker"}
+PEERS = {
+    "ray pod": ({}, {"app.kubernetes.io/name": "diffusion-ray"}),
+    "operator": ({"kubernetes.io/metadata.name": "kuberay"}, {"app.kubernetes.io/name": "kuberay-operator"}),
+    "prefect worker": ({}, {"app.kubernetes.io/name": "prefect-worker"}),
+    "ingress": ({"kubernetes.io/metadata.name": "ingress-nginx"},
+                {"app.kubernetes.io/name": "ingress-nginx"}),
+    "other pod": ({}, {"app.kubernetes.io/name": "something-else"}),
+    "other namespace": ({"kubernetes.io/metadata.name": "elsewhere"},
+                        {"app.kubernetes.io/name": "prefect-worker"}),
+}
+
+
+def admitted(pod: dict[str, str], port: int) -> set[str]:
+    """Which of PEERS the namespace's NetworkPolicies let open `port` on a pod labelled `pod`."""
+    policies = [p["spec"] for p in docs_of_kind("NetworkPolicy") if _selects(p["spec"]["podSelector"], pod)]
+    assert policies and all(p["policyTypes"] == ["Ingress"] for p in policies)
+    allowed = set()
+    for peer, (ns_labels, labels) in PEERS.items():
+        same_namespace = not ns_labels
+        for policy in policies:
+            for rule in policy.get("ingress", []):
+                ports = [p["port"] for p in rule.get("ports", [])]
+                if ports and port not in ports:
+                    continue
+                for source in rule["from"]:
+                    assert "ipBlock" not in source
+                    ns_ok = ("namespaceSelector" in source and not same_namespace
+                             and _selects(source["namespaceSelector"], ns_labels)) or (
+                        "namespaceSelector" not in source and same_namespace)
+                    pod_ok = "podSelector" not in source or _selects(source["podSelector"], labels)
+                    if ns_ok and pod_ok:
+                        allowed.add(peer)
+    return allowed
+
+
+def test_network_policy_admits_only_cluster_clients_to_ray_control_ports() -> None:
+    for port in (6379, 8265, 10001):
+        expected = {"ray pod", "prefect worker"} | ({"operator"} if port == 8265 else set())
+        assert admitted(RAY_HEAD, port) == expected, port
+    assert admitted(RAY_HEAD, 8000) == {"ray pod", "ingress"}
+    assert admitted(RAY_WORKER, 8000) == {"ray pod", "ingress"}
+    assert admitted(RAY_WORKER, 10001) == {"ray pod"}
+    assert admitted({"app.kubernetes.io/name": "mlflow"}, 5000) == {"ray pod", "prefect worker"}
+    assert admitted({"app.kubernetes.io/name": "prefect-server"}, 4200) == {"prefect worker"}
+    assert admitted({"app.kubernetes.io/name": "prefect-worker"}, 8080) == set()
+
+
+def test_network_policy_selects_the_pods_the_manifests_create() -> None:
+    for kind, cluster in cluster_specs().items():
+        for pod in (cluster["headGroupSpec"], *cluster["workerGroupSpecs"]):
+            assert pod["template"]["metadata"]["labels"]["app.kubernetes.io/name"] == "diffusion-ray", kind
+    for doc in docs_of_kind("Deployment"):
+        name = doc["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"]
+        assert name in {"mlflow", "prefect-server", "prefect-worker"}
+    # RayJobs submit over HTTP (no submitter pod that the policy would have to admit).
+    assert one("RayJob")["spec"]["submissionMode"] == "HTTPMode"
+
+
+# ---------------------------------------------------------------- Serve at scale
+
+
+def test_cluster_serve_config_autoscales_the_model_within_its_limits() -> None:
+    from serving.config import INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT, ServeSettings
+
+    config = yaml.safe_load(one("RayService")["spec"]["serveConfigV2"])
+    app = config["applications"][0]
+    settings = ServeSettings.model_validate(app["args"])
+    deployments = {d["name"]: d for d in app["deployments"]}
+    model = deployments[MODEL_DEPLOYMENT]
+    scaling = model["autoscaling_config"]
+    assert model["num_replicas"] == "auto"
+    assert scaling["min_replicas"] == 1 and scaling["max_replicas"] > 1
+    assert scaling["target_ongoing_requests"] == settings.max_images_per_batch
+    assert scaling["max_replicas"] <= gpu_group(one("RayService")["spec"]["rayClusterConfig"])["maxReplicas"]
+    for name in (MODEL_DEPLOYMENT, INGRESS_DEPLOYMENT):
+        assert deployments[name]["graceful_shutdown_timeout_s"] >= settings.request_timeout_s, name
+        assert deployments[name]["health_check_period_s"] > 0, name
+        assert deployments[name]["health_check_timeout_s"] > deployments[name]["health_check_period_s"] / 2
+    # The proxy listens on the pod address: requests need the API key the serving pods hold.
+    assert app["args"]["api_key_env"] == render.SERVE_API_KEY_ENV[0]["name"]
+    # The local config stays at one fixed replica.
+    local_app = yaml.safe_load(SERVE_CONFIG.read_text())["applications"][0]
+    local = {d["name"]: d for d in local_app["deployments"]}[MODEL_DEPLOYMENT]
+    assert local["num_replicas"] == 1 and "autoscaling_config" not in local
+
+
+def _cluster_config() -> dict[str, Any]:
+    return copy.deepcopy(yaml.safe_load(one("RayService")["spec"]["serveConfigV2"]))
+
+
+@pytest.mark.parametrize("change, field", [
+    (lambda m: m.update(graceful_shutdown_timeout_s=20), "graceful_shutdown_timeout_s"),
+    (lambda m: m.pop("graceful_shutdown_timeout_s"), "graceful_shutdown_timeout_s"),
+    (lambda m: m["autoscaling_config"].update(target_ongoing_requests=1000), "target_ongoing_requests"),
+    (lambda m: m["autoscaling_config"].update(max_replicas=64), "max_replicas"),
+])
+def test_render_refuses_scaling_that_contradicts_settings_or_cluster(change, field: str) -> None:
+    config = _cluster_config()
+    change(config["applications"][0]["deployments"][0])
+    with pytest.raises(ValueError, match=field):
+        render.check_serve_scaling(config, render.load_cluster_spec())
+    render.check_serve_scaling(_cluster_config(), render.load_cluster_spec())  # the committed one passes
+
+
+def test_render_refuses_a_public_proxy_without_the_api_key() -> None:
+    config = _cluster_config()
+    config["applications"][0]["args"]["api_key_env"] = None
+    with pytest.raises(ValueError, match="api_key_env"):
+        render.check_serve_api_key(config)
+    config["http_options"]["host"] = "127.0.0.1"
+    render.check_serve_api_key(config)  # loopback needs none

@@ -8,11 +8,11 @@ Ray this pytest process may hold.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
 import re
+import stat
 import subprocess
 import sys
 import textwrap
@@ -22,19 +22,10 @@ from pathlib import Path
 
 import pytest
 
+from infra import local_cluster
+
 logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _load_local_cluster():
-    spec = importlib.util.spec_from_file_location("infra_local_cluster", REPO / "infra" / "local_cluster.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-local_cluster = _load_local_cluster()
 
 NODES_DRIVER = textwrap.dedent("""
     import json, ray
@@ -99,6 +90,14 @@ def test_two_nodes_join_and_leave_no_process(two_node_cluster) -> None:
     assert len(nodes) == 2
     assert sorted(nodes.values()) == [1.0, 1.0]
     assert len(two_node_cluster.processes()) >= 4  # gcs, 2 raylets, agents
+    # The token: in a file only its owner reads, named by the driver's environment, nowhere in argv.
+    token_path = two_node_cluster.token_path
+    assert stat.S_IMODE(token_path.stat().st_mode) == 0o600
+    assert token_path.read_text() == two_node_cluster.auth_token
+    env = two_node_cluster.driver_env()
+    assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN_PATH"] == str(token_path)
+    assert two_node_cluster.auth_token not in " ".join(env.values())
+    assert not [line for line in _all_cmdlines() if two_node_cluster.auth_token in line]
 
 
 TRAIN_CONFIG = """\

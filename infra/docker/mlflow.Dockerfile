@@ -8,7 +8,8 @@
 FROM python:3.11-slim
 
 ARG MLFLOW_VERSION=3.17.2
-RUN pip install --no-cache-dir "mlflow==${MLFLOW_VERSION}" "psycopg2-binary==2.9.10" "boto3==1.38.36" \
+# mlflow[auth]: the basic-auth app (`--app-name basic-auth`) needs Flask-WTF.
+RUN pip install --no-cache-dir "mlflow[auth]==${MLFLOW_VERSION}" "psycopg2-binary==2.9.10" "boto3==1.38.36" \
  && useradd --create-home --uid 1000 mlflow
 USER mlflow
 WORKDIR /home/mlflow
