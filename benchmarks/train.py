@@ -68,7 +68,7 @@ def judge_ours(judge: DigitJudge, checkpoint: str) -> dict[str, object]:
     seeds = list(range(NUM_SAMPLES))
     out: dict[str, object] = {}
     with torch.no_grad():
-        uncond = loaded.generate(NUM_SAMPLES, steps=20, sampler="dpmpp_2m", seeds=seeds)
+        uncond = loaded.generate(NUM_SAMPLES, steps=20, sampler="dpmpp_2m", seeds=seeds, unconditional=True)
         out["unconditional"] = judge.score(uncond.numpy())
         labels = [i % 10 for i in seeds]
         for scale in (1.0, 2.0):

@@ -29,11 +29,12 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from diffusion_core.atomic_io import replace_directory, staging_dir
+from diffusion_core.class_prior import check_class_prior, marginal_labels, uniform_prior
 from diffusion_core.ema import EMA, unwrap_model
 from diffusion_core.errors import CheckpointError, ConfigError, describe_validation_error
 from diffusion_core.images import MODEL_VALUE_RANGE, to_unit_range
 from diffusion_core.objective import ObjectiveConfig
-from diffusion_core.samplers import ClipX0, sample
+from diffusion_core.samplers import ClipX0, random_seeds, sample
 from diffusion_core.sampling_defaults import DEFAULT_SAMPLER, DEFAULT_STEPS
 from diffusion_core.schedule import NoiseSchedule, ScheduleConfig
 from diffusion_core.unet import UNet, UNetConfig
@@ -54,6 +55,9 @@ class DataSpec(BaseModel):
     image_size: int = Field(ge=1)
     channels: int = Field(ge=1)
     label_names: list[str] | None = None
+    class_prior: list[float] | None = Field(
+        None, description="the training split's class frequencies (class_prior.class_prior); labels of "
+        "requests that give none are drawn from it. None: uniform over the classes")
     dataset_fingerprint: str | None = None
     value_range: tuple[float, float] = MODEL_VALUE_RANGE
 
@@ -89,6 +93,10 @@ class ModelSpec(BaseModel):
             raise ValueError(
                 f"data.label_names: {len(names)} names for unet.num_classes={unet.num_classes}"
             )
+        if data.class_prior is not None:
+            if unet.num_classes is None:
+                raise ValueError("data.class_prior: an unconditional model has no class prior")
+            check_class_prior(data.class_prior, unet.num_classes)
         return self
 
 
@@ -231,8 +239,14 @@ class LoadedModel:
         guidance_scale: float = 1.0,
         eta: float = 0.0,
         clip_x0: ClipX0 | Literal["auto"] = "auto",
+        unconditional: bool = False,
     ) -> Tensor:
         """Sample `num_images` pictures: float32 (N, C, H, W) in [0, 1] on the CPU.
+
+        Labels of a class-conditional model: `labels` gives one per image (NULL_LABEL samples that
+        image unconditionally); without labels each image's class is drawn from the training data's
+        class prior by its seed (`default_labels`: the marginal p(x), see class_prior.py), and with
+        `unconditional` every image takes the null label. Unconditional models take no labels.
 
         Image i depends only on seeds[i], labels[i] and the settings (see samplers.sample). The
         model's value range (spec.data.value_range, normally [-1, 1]) is mapped to [0, 1] by
@@ -242,6 +256,10 @@ class LoadedModel:
         """
         if num_images < 1:
             raise ConfigError(f"num_images: must be >= 1, got {num_images}")
+        if seeds is None:
+            seeds = random_seeds(num_images)  # drawn here: the default labels derive from them
+        if labels is None and not unconditional:
+            labels = self.default_labels(seeds)
         if clip_x0 == "auto":
             clip_x0 = data_range_clip(self.spec)
         cfg = self.spec.unet
@@ -260,6 +278,14 @@ class LoadedModel:
             device=self.device,
         )
         return to_unit_range(x.cpu(), self.spec.data.value_range)
+
+    def default_labels(self, seeds: Sequence[int]) -> list[int] | None:
+        """The labels a request without labels gets: for a class-conditional model, label i drawn
+        from the class prior (uniform when the spec records none) by seeds[i]; None otherwise."""
+        num_classes = self.spec.unet.num_classes
+        if num_classes is None:
+            return None
+        return marginal_labels(seeds, self.spec.data.class_prior or uniform_prior(num_classes))
 
 
 def load_checkpoint(

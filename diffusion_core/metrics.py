@@ -197,6 +197,7 @@ def generate_eval_samples(loaded: LoadedModel, config: EvalConfig, labels: Tenso
         seeds = list(range(config.seed + first, config.seed + first + n))
         batch_labels = None if labels is None else labels[first:first + n]
         chunks.append(loaded.generate(n, steps=config.steps, sampler=config.sampler, seeds=seeds,
+                                      unconditional=batch_labels is None,
                                       labels=batch_labels, guidance_scale=config.guidance_scale,
                                       clip_x0=config.clip_x0))
         done = first + n

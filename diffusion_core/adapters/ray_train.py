@@ -42,6 +42,7 @@ from torch import Tensor
 
 from diffusion_core.adapters.ray_cluster import connect_ray, stop_ray
 from diffusion_core.checkpoint import DataSpec, LoadedModel, ModelSpec
+from diffusion_core.class_prior import class_prior
 from diffusion_core.data.manifest import DatasetManifest, read_manifest
 from diffusion_core.errors import CheckpointError, ConfigError
 from diffusion_core.images import encode_png, make_grid, to_uint8
@@ -200,8 +201,10 @@ def model_spec_for(config: TrainConfig, manifest: DatasetManifest) -> ModelSpec:
             f"unet.num_classes: {unet.num_classes} does not match the dataset's {num_labels} labels "
             "(None = unlabelled)"
         )
+    prior = class_prior(manifest.class_counts) if unet.num_classes and manifest.class_counts else None
     data = DataSpec(image_size=manifest.image_size, channels=manifest.channels,
-                    label_names=manifest.label_names, dataset_fingerprint=manifest.fingerprint)
+                    label_names=manifest.label_names, class_prior=prior,
+                    dataset_fingerprint=manifest.fingerprint)
     return ModelSpec(unet=unet, schedule=config.schedule, objective=config.objective, data=data)
 
 
