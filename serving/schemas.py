@@ -15,6 +15,7 @@ from diffusion_core.sampling_defaults import (
     ETA_SAMPLERS,
     MAX_SEED,
     NULL_LABEL,
+    SAMPLER_NAMES,
     SamplerName,
     check_label_count,
 )
@@ -117,6 +118,24 @@ class GenerateResponse(BaseModel):
     timings: Timings
 
 
+class RequestLimits(BaseModel):
+    """What one POST /generate may ask of the endpoint that answered (its ServeSettings): clients
+    split larger jobs by it, and the page sets its form's bounds from it."""
+
+    max_images_per_request: int
+    max_steps: int
+    max_work: int = Field(description="cap on num_images * steps")
+    default_steps: int
+    default_sampler: str
+    samplers: list[str]
+
+    @classmethod
+    def of(cls, settings: ServeSettings) -> RequestLimits:
+        return cls(max_images_per_request=settings.max_images_per_request, max_steps=settings.max_steps,
+                   max_work=settings.max_work, default_steps=settings.default_steps,
+                   default_sampler=settings.default_sampler, samplers=list(SAMPLER_NAMES))
+
+
 class ModelInfo(BaseModel):
     """GET /model."""
 
@@ -135,6 +154,8 @@ class ModelInfo(BaseModel):
     loaded_at: float
     replica: str = Field("", description="id of the Serve replica that answered (unchanged by a hot swap)")
     last_load_error: str | None = Field(None, description="a failed hot swap; the previous model is kept")
+    limits: RequestLimits | None = Field(None, description="the request limits of the endpoint that "
+                                         "answered (set by its ingress; the model replica leaves it null)")
 
 
 class Health(BaseModel):

@@ -161,6 +161,9 @@ def test_healthz_and_model_info(server: str, registry: dict):
     assert info["image_shape"] == [1, 8, 8] and info["num_classes"] == 10
     assert info["label_names"] == [str(i) for i in range(10)]
     assert info["metrics"]["fd"] == 1.5
+    assert info["limits"] == {"max_images_per_request": 16, "max_steps": 50, "max_work": 160,
+                              "default_steps": STEPS, "default_sampler": "dpmpp_2m",
+                              "samplers": ["dpmpp_2m", "ddim", "ddpm"]}
 
 
 def test_array_output_matches_a_direct_sampler_call(server: str, reference, registry: dict):
@@ -260,7 +263,7 @@ def test_client_and_generate_cli_write_pngs_and_a_grid(server: str, tmp_path: Pa
     pngs = sorted(p.name for p in tmp_path.glob("image_*.png"))
     assert pngs == [f"image_{i:03d}_seed{i}.png" for i in range(5)]
     grid = decode_png((tmp_path / "grid.png").read_bytes())
-    assert grid.shape == (2 * 9 + 1, 4 * 9 + 1, 1)  # 2 rows x 4 columns of 8x8 tiles, 1 px padding
+    assert grid.shape == (2 * 34 + 2, 4 * 34 + 2, 1)  # 2 rows x 4 of 8x8 tiles zoomed to 32, 2 px padding
 
 
 # ------------------------------------------------------------------------------------- bad input
