@@ -61,7 +61,9 @@ def app(_ray_session: None, tmp_path_factory: pytest.TempPathFactory):
     version = log_and_register(checkpoint, model_name=MODEL, tracking_uri=uri, metrics=METRICS, lock_dir=root)
     MlflowClient(tracking_uri=uri, registry_uri=uri).set_registered_model_alias(MODEL, "champion",
                                                                                 version.version)
+    # under a route prefix, as behind a shared gateway: the page must find the API beside itself
     settings = ServeSettings(model_name=MODEL, alias="champion", tracking_uri=uri, port=free_port(),
+                             route_prefix="/try",
                              api_key_env=API_KEY_ENV, max_images_per_request=16, max_steps=50,
                              max_work=16 * 10, default_steps=4, max_images_per_batch=16)
     with running_app(settings, env={API_KEY_ENV: API_KEY}):
@@ -89,7 +91,7 @@ def page(browser, app):
     page.errors = []
     page.on("console", lambda message: page.errors.append(message.text) if message.type == "error" else None)
     page.on("pageerror", lambda error: page.errors.append(str(error)))
-    page.goto(f"{app.url}/")
+    page.goto(app.url)  # no trailing slash: the page's relative calls must still reach /try/...
     yield page
     context.close()
 

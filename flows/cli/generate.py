@@ -14,6 +14,7 @@ config's `serve.api_key_env`.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import os
 from collections.abc import Iterator
@@ -104,7 +105,10 @@ def generate_command(
     """Generate images with a running server and save them."""
     from serving.client import AsyncGenerationClient
 
-    settings, _ = cli_context(ctx).serve_settings(serve_config)
+    context = cli_context(ctx)
+    if not context.debug:  # one log line per request would scroll the progress bar away
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+    settings, _ = context.serve_settings(serve_config)
     key = read_api_key(api_key_file, settings.api_key_env)
     label_list = parse_labels(labels)
     if label_list is not None and len(label_list) == 1:
