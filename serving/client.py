@@ -177,9 +177,14 @@ def _payload(num_images: int, steps: int | None, sampler: str | None, guidance_s
             "eta": eta, "labels": None if labels is None else list(labels), "seed": seed, "format": format}
 
 
+CONNECT_TIMEOUT_S = 10.0  # a server that is up accepts at once; sampling may take timeout_s
+UNREACHABLE = (httpx.ConnectError, httpx.ConnectTimeout)
+
+
 def _http_options(url: str, api_key: str | None, timeout_s: float) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    return {"base_url": url.rstrip("/"), "headers": headers, "timeout": timeout_s}
+    return {"base_url": url.rstrip("/"), "headers": headers,
+            "timeout": httpx.Timeout(timeout_s, connect=min(timeout_s, CONNECT_TIMEOUT_S))}
 
 
 class GenerationClient:
@@ -205,7 +210,7 @@ class GenerationClient:
         while True:
             try:
                 response = self._http.request(method, path, **kwargs)
-            except httpx.ConnectError:
+            except UNREACHABLE:
                 raise EndpointUnreachableError(self._url) from None
             delay = retries.wait_after(response)
             if delay is None:
@@ -264,7 +269,7 @@ class AsyncGenerationClient:
         while True:
             try:
                 response = await self._http.request(method, path, **kwargs)
-            except httpx.ConnectError:
+            except UNREACHABLE:
                 raise EndpointUnreachableError(self._url) from None
             delay = retries.wait_after(response)
             if delay is None:
@@ -298,7 +303,8 @@ class AsyncGenerationClient:
     ) -> GenerationResult:
         """`num_images` images as if from one request (image i: seed + i, labels[i]), sent as requests
         within the server's limits (and `max_images_per_request`, when smaller), at most
-        `concurrency` at a time. `progress(done, total)` is called as each request's images arrive.
+        `concurrency` at a time. `progress(done, total)` is called once the job is planned (done = 0)
+        and as each request's images arrive.
         A random base seed is drawn here when `seed` is None (result.seeds says which). A failed
         request cancels the others and raises its GenerationError."""
         if num_images < 1 or concurrency < 1:
@@ -308,6 +314,8 @@ class AsyncGenerationClient:
         size = request_size((await self.model_info()).get("limits"), steps, max_images_per_request)
         base = secrets.randbelow(RANDOM_SEED_BOUND) if seed is None else seed
         started, done = time.monotonic(), 0
+        if progress is not None:
+            progress(0, num_images)  # planned: the requests start now
         semaphore = asyncio.Semaphore(concurrency)
 
         async def one(part: range) -> GenerationResult:

@@ -161,8 +161,8 @@ def test_a_job_over_the_servers_cap_is_split_by_it_with_progress(server: str, re
     result = asyncio.run(job())
     assert result.requests == 3 and result.seeds == list(range(7, 27))
     assert result.labels == [i % 10 for i in range(20)] and result.images.shape == (20, 8, 8, 1)
-    done = [done for done, _ in calls]  # after each request, in the order they finished
-    assert len(calls) == 3 and done == sorted(set(done)) and calls[-1] == (20, 20)
+    done = [done for done, _ in calls]  # planned, then after each request in the order they finished
+    assert len(calls) == 4 and done[0] == 0 and done == sorted(set(done)) and calls[-1] == (20, 20)
     assert all(total == 20 for _, total in calls)
     labels = [i % 10 for i in range(20)]
     direct = to_uint8(reference.generate(20, steps=2, seeds=list(range(7, 27)), labels=labels))

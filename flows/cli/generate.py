@@ -61,25 +61,29 @@ def read_api_key(key_file: Path | None, env_var: str | None) -> str | None:
 
 
 @contextmanager
-def progress_bar(total: int) -> Iterator[Progress]:
-    """A terminal progress bar (images done, rate, ETA) on stderr -> its `progress(done, total)`."""
+def progress_bar() -> Iterator[Progress]:
+    """A terminal progress bar (images done, rate, ETA) on stderr -> its `progress(done, total)`. The
+    bar appears at the first call (the job has been planned), so a job that fails before it starts
+    (no server there) prints only its error."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+    from rich.progress import Progress as Bar
 
     columns = (TextColumn("generating"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]}"), TextColumn("ETA"), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True)) as bar:
-        task = bar.add_task("generate", total=total, rate="")
+    bar = Bar(*columns, console=Console(stderr=True))
 
-        def update(done: int, _total: int) -> None:
-            speed = bar.tasks[0].speed
-            bar.update(task, completed=done, rate=f"{speed:.1f} images/s" if speed else "")
+    def update(done: int, total: int) -> None:
+        if not bar.tasks:
+            bar.start()
+            bar.add_task("generate", total=total, rate="")
+        task = bar.tasks[0]
+        bar.update(task.id, completed=done, rate=f"{task.speed:.1f} images/s" if task.speed else "")
 
-        try:
-            yield update
-        except BaseException:
-            bar.update(task, visible=False)  # the error is the news, not an unfinished bar
-            raise
+    try:
+        yield update
+    finally:
+        bar.stop()
 
 
 def generate_command(
@@ -120,7 +124,7 @@ def generate_command(
                                               guidance_scale=guidance_scale, labels=label_list, seed=seed,
                                               concurrency=concurrency, progress=progress)
 
-    with progress_bar(num_images) as progress:
+    with progress_bar() as progress:
         result = asyncio.run(job(progress))
     grid = save_images(result, out, nrow or math.ceil(math.sqrt(len(result.seeds))))
     model = result.model
