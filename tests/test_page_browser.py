@@ -121,7 +121,7 @@ def test_the_page_is_public_and_holds_no_secret_or_model_detail(app):
     assert httpx.get(f"{app.url}/model", timeout=30).status_code == 401  # the details still need the key
 
 
-def test_a_person_generates_a_grid_of_digits(page, app, tmp_path: Path):
+def test_a_person_generates_a_grid_of_digits(page, app, tmp_path: Path, capsys):
     enter_key(page, "not-the-key")
     expect(page.locator("#key-message")).to_contain_text("refused")
     enter_key(page, API_KEY)
@@ -169,7 +169,8 @@ def test_a_person_generates_a_grid_of_digits(page, app, tmp_path: Path):
     assert [error for error in page.errors if not error.startswith(expected)] == []
     screenshot = tmp_path / "page.png"
     page.screenshot(path=str(screenshot), full_page=True)
-    print(f"screenshot of the page: {screenshot}")
+    with capsys.disabled():  # shown in the CI log whatever pytest captures
+        print(f"\nscreenshot of the page: {screenshot}")
     assert decode_png(screenshot.read_bytes()).shape[1] == 1180
 
 
