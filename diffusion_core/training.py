@@ -68,6 +68,7 @@ STATE_FILE = "state.json"
 CONFIG_FILE = "train_config.json"
 # Ray Train run names become directory names and MLflow filter-string literals: no quotes, no slashes.
 RUN_NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
+CHANNELS_LAST_DEVICES = ("cpu", "cuda")
 # Stored bytes of a row beside its image (label, Arrow offsets): only sizes shuffle windows.
 ROW_OVERHEAD_BYTES = 16
 
@@ -89,8 +90,9 @@ class TrainRecipe(BaseModel):
     the identity of a training run (`TrainConfig.recipe`); two runs that agree on them produce the
     same model wherever and however they run.
 
-    `batch_size` is global (all workers together). `precision="auto"` means bf16 autocast on GPU and
-    fp32 on CPU.
+    `batch_size` is global (all workers together). `precision`: "bf16" runs the forward pass under
+    bf16 autocast (weights, gradients and optimiser stay fp32), "fp32" does not, "auto" is bf16 on a
+    CUDA device that supports it and fp32 elsewhere (so off on CPU).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -140,11 +142,6 @@ class TrainRecipe(BaseModel):
             raise ConfigError(f"sample_steps: {str(err).removeprefix('steps: ')}") from err
         return self
 
-    def autocast_dtype(self, device_type: str) -> torch.dtype | None:
-        """bf16 for precision="bf16" (or "auto" on CUDA); None means full fp32."""
-        if self.precision == "bf16" or (self.precision == "auto" and device_type == "cuda"):
-            return torch.bfloat16
-        return None
 
 
 class TrainPlacement(BaseModel):
@@ -171,6 +168,7 @@ class TrainPlacement(BaseModel):
         64.0, gt=0, le=4096, description="stored images shuffled together (MiB; at least one batch)")
     prefetch_batches: int = Field(2, ge=1, le=64, description="batches each worker reads ahead")
     compile: bool = False
+    channels_last: bool = Field(False, description="NHWC memory format for the UNet and its inputs")
     fault_injection: FaultInjection | None = None
 
 
@@ -271,18 +269,63 @@ class TrainState:
     step: int = 0
     nonfinite_total: int = 0
     nonfinite_streak: int = 0
+    autocast: torch.dtype | None = None  # the forward pass's autocast dtype; None = fp32
+    memory_format: torch.memory_format = torch.contiguous_format
 
 
 def build_train_state(config: TrainConfig, device: torch.device | str = "cpu") -> TrainState:
-    """A freshly initialised model (seeded by config.seed), its EMA and AdamW optimiser."""
+    """A freshly initialised model (seeded by config.seed) on `device` in the configured memory
+    format, its EMA and AdamW optimiser. ConfigError when the device cannot run `precision` or
+    `channels_last`."""
+    device = torch.device(device)
+    autocast, memory_format = autocast_dtype(config.precision, device), memory_format_for(config, device)
     torch.manual_seed(config.seed)
-    model = UNet(config.unet).to(device)
+    model = UNet(config.unet).to(device, memory_format=memory_format)
     return TrainState(
         model=model,
         ema=EMA(model, decay=config.ema_decay),
         optimizer=make_optimizer(model, config),
         schedule=NoiseSchedule.from_config(config.schedule),
+        autocast=autocast,
+        memory_format=memory_format,
     )
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The forward pass's autocast dtype for `precision` on `device` (TrainRecipe.precision); None
+    means fp32. An explicit "bf16" that the device cannot run is a ConfigError, never a silent fp32."""
+    if precision == "fp32":
+        return None
+    supported = bf16_autocast_supported(device)
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" and supported else None
+    if not supported:
+        raise ConfigError(
+            f"precision: bf16 autocast is not supported on this {device.type} device",
+            hint="set precision to fp32 (or auto, which uses bf16 only where it is supported)",
+        )
+    return torch.bfloat16
+
+
+def bf16_autocast_supported(device: torch.device) -> bool:
+    """CUDA: the GPU has bf16 arithmetic (Ampere and later). Other devices: torch offers autocast
+    for them (on CPU it does, with bf16 kernels where the CPU has them)."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return torch.amp.is_autocast_available(device.type)
+
+
+def memory_format_for(config: TrainConfig, device: torch.device) -> torch.memory_format:
+    """channels_last (NHWC) when configured, on the devices whose convolutions have NHWC kernels."""
+    if not config.channels_last:
+        return torch.contiguous_format
+    if device.type not in CHANNELS_LAST_DEVICES:
+        raise ConfigError(
+            f"channels_last: not supported on {device.type} devices; accepted on "
+            f"{', '.join(CHANNELS_LAST_DEVICES)}",
+            hint="set channels_last to false",
+        )
+    return torch.channels_last
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
@@ -339,7 +382,8 @@ def train_step(
     lr = set_learning_rate(state.optimizer, config, state.step)
     if labels is not None:
         labels = drop_labels(labels, config.label_dropout, gen)
-    loss = _loss(model, config, state.schedule, images, labels, gen)
+    images = images.contiguous(memory_format=state.memory_format)
+    loss = _loss(model, state, config, images, labels, gen)
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = _grad_norm(state.model, config.grad_clip)
@@ -356,17 +400,11 @@ def train_step(
     return StepResult(loss=mean_loss, grad_norm=grad_norm, lr=lr, skipped=skipped)
 
 
-def _loss(
-    model: nn.Module,
-    config: TrainConfig,
-    schedule: NoiseSchedule,
-    images: Tensor,
-    labels: Tensor | None,
-    gen: torch.Generator,
-) -> Tensor:
-    dtype = config.autocast_dtype(images.device.type)
+def _loss(model: nn.Module, state: TrainState, config: TrainConfig, images: Tensor, labels: Tensor | None,
+          gen: torch.Generator) -> Tensor:
+    dtype = state.autocast
     with torch.autocast(images.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        return training_loss(model, images, schedule, config.objective, labels=labels, generator=gen)
+        return training_loss(model, images, state.schedule, config.objective, labels=labels, generator=gen)
 
 
 def _grad_norm(model: nn.Module, clip: float | None) -> float:
