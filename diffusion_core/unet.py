@@ -17,7 +17,7 @@ output for sample i never depends on the other samples of the batch. No BatchNor
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Self
+from typing import Annotated, Any, NamedTuple, Self
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +31,13 @@ from diffusion_core.sampling_defaults import NULL_LABEL
 _MAX_GROUPS = 32
 _MIN_CHANNELS_PER_GROUP = 4
 
+# Bounds of every size a config (or a checkpoint's spec.json) can ask for: above the largest
+# networks this project trains (256-pixel images at the papers' widths), so that no config makes a
+# process allocate without limit. checkpoint.MAX_PARAMETERS bounds their product.
 MAX_IMAGE_SIZE = 256
 MAX_LEVELS = 6
+MAX_CHANNEL_MULT = 8
+MAX_CLASSES = 100_000
 
 
 class SizeLayout(NamedTuple):
@@ -63,31 +68,31 @@ _LAYOUTS: dict[int, SizeLayout] = {
 class UNetConfig(BaseModel):
     """Shape of the U-Net. Sides are in pixels; `channel_mult[i]` scales `base_channels` at level i,
     whose feature maps have side `image_size / 2**i`. `for_image_size` derives a layout from the
-    image side."""
+    image side. Every size is bounded (see MAX_IMAGE_SIZE)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     image_size: int = Field(32, ge=8, le=MAX_IMAGE_SIZE, description="side of the square input in pixels")
     in_channels: int = Field(3, description="1 (grey) or 3 (RGB)")
     base_channels: int = Field(64, ge=8, le=512, multiple_of=8, description="channels at level 0")
-    channel_mult: tuple[int, ...] = Field(
+    channel_mult: tuple[Annotated[int, Field(ge=1, le=MAX_CHANNEL_MULT)], ...] = Field(
         (1, 2, 2), min_length=1, max_length=MAX_LEVELS,
         description="channel multiplier per level; one level per entry",
     )
     num_res_blocks: int = Field(2, ge=1, le=4, description="residual blocks per level (down path)")
     attention_resolutions: tuple[int, ...] = Field(
-        (8,), description="feature-map sides at which self-attention follows each residual block"
+        (8,), max_length=MAX_LEVELS,
+        description="feature-map sides at which self-attention follows each residual block",
     )
     num_heads: int = Field(4, ge=1, description="attention heads; must divide the attention channels")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout inside residual blocks")
-    num_classes: int | None = Field(None, ge=1, description="number of classes; None = unconditional")
+    num_classes: int | None = Field(None, ge=1, le=MAX_CLASSES,
+                                    description="number of classes; None = unconditional")
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Self:
         if self.in_channels not in (1, 3):
             raise ValueError(f"in_channels: must be 1 or 3, got {self.in_channels}")
-        if any(m < 1 for m in self.channel_mult):
-            raise ValueError(f"channel_mult: every entry must be >= 1, got {self.channel_mult}")
         factor = 2 ** (len(self.channel_mult) - 1)
         if self.image_size % factor:
             raise ValueError(
