@@ -29,6 +29,8 @@ from diffusion_core.seeds import Stream, derived_seed
 
 # A worker should see several chunks per pass even when the split is small, so that passes differ.
 CHUNKS_PER_WORKER = 8
+# Stored bytes of a row beside its image (label, Arrow offsets), for sizing windows in bytes.
+ROW_OVERHEAD_BYTES = 16
 
 
 @dataclass(frozen=True)
@@ -60,12 +62,16 @@ class Window:
 
     @property
     def num_rows(self) -> int:
-        return sum(c.num_rows for c in self.chunks) - self.skip
+        return self.rows_read - self.skip
+
+    @property
+    def rows_read(self) -> int:
+        """Rows read to produce this window (its chunks), including the skipped ones."""
+        return sum(c.num_rows for c in self.chunks)
 
     def permutation(self) -> np.ndarray:
         """Positions, in the concatenation of the chunks' rows, of the rows this window yields."""
-        total = sum(c.num_rows for c in self.chunks)
-        return np.random.default_rng(self.seed).permutation(total)[self.skip:]
+        return np.random.default_rng(self.seed).permutation(self.rows_read)[self.skip:]
 
     def row_indices(self) -> np.ndarray:
         """The split-wide indices of the rows this window yields, in order."""

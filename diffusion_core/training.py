@@ -50,7 +50,14 @@ from diffusion_core.checkpoint import (
     read_ema_state,
     save_checkpoint,
 )
-from diffusion_core.data_order import Window, chunk_rows_for, chunk_split, window_rows_for, worker_windows
+from diffusion_core.data_order import (
+    ROW_OVERHEAD_BYTES,
+    Window,
+    chunk_rows_for,
+    chunk_split,
+    window_rows_for,
+    worker_windows,
+)
 from diffusion_core.ema import EMA, unwrap_model
 from diffusion_core.errors import CheckpointError, ConfigError, DiffusionPipelineError
 from diffusion_core.objective import ObjectiveConfig, training_loss
@@ -69,8 +76,6 @@ CONFIG_FILE = "train_config.json"
 # Ray Train run names become directory names and MLflow filter-string literals: no quotes, no slashes.
 RUN_NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
 CHANNELS_LAST_DEVICES = ("cpu", "cuda")
-# Stored bytes of a row beside its image (label, Arrow offsets): only sizes shuffle windows.
-ROW_OVERHEAD_BYTES = 16
 
 
 class FaultInjection(BaseModel):
@@ -87,8 +92,8 @@ class FaultInjection(BaseModel):
 class TrainRecipe(BaseModel):
     """What the trained model is: the optimisation, the network, its noise schedule and objective,
     the seed, and the sample grids recorded with it. With the dataset's fingerprint these fields are
-    the identity of a training run (`TrainConfig.recipe`); two runs that agree on them produce the
-    same model wherever and however they run.
+    the identity of a training run (`TrainConfig.recipe`): two runs that agree on them train the
+    same model, up to what placement changes (which rows meet in a batch, the hardware's arithmetic).
 
     `batch_size` is global (all workers together). `precision`: "bf16" runs the forward pass under
     bf16 autocast (weights, gradients and optimiser stay fp32), "fp32" does not, "auto" is bf16 on a
@@ -141,7 +146,6 @@ class TrainRecipe(BaseModel):
         except ConfigError as err:
             raise ConfigError(f"sample_steps: {str(err).removeprefix('steps: ')}") from err
         return self
-
 
 
 class TrainPlacement(BaseModel):

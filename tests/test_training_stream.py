@@ -42,8 +42,7 @@ def test_stream_yields_the_planned_rows_in_order(ray_local, digits: str, rank: i
     expected = stream_row_indices(windows)
     b = config.per_worker_batch_size
     count = 0
-    for i, (x, y) in enumerate(stream_batches(digits, "train", windows, manifest, batch_size=b,
-                                              window_bytes=config.shuffle_window_mib * 2**20)):
+    for i, (x, y) in enumerate(stream_batches(digits, "train", windows, manifest, batch_size=b)):
         rows = torch.from_numpy(expected[i * b : (i + 1) * b])
         assert torch.equal(x, images[rows]) and torch.equal(y, labels[rows]), f"batch {i}"
         count += 1

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -35,7 +36,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from diffusion_core.data.manifest import DatasetManifest, read_manifest_from, resolve_uri, shard_uris
 from diffusion_core.data.readers import decode_images
-from diffusion_core.data_order import Chunk, Window
+from diffusion_core.data_order import ROW_OVERHEAD_BYTES, Chunk, Window
 
 # Windows that the pipeline may hold at once: being read, queued, and being consumed.
 _WINDOWS_IN_FLIGHT = 4
@@ -78,11 +79,14 @@ def row_group_rows(uri: str, split: str) -> list[list[int]]:
     return sizes
 
 
-def window_dataset(uri: str, split: str, windows: Sequence[Window], window_bytes: float) -> ray.data.Dataset:
-    """A Ray Dataset whose rows (image, label) are those of `windows`, in order."""
+def window_dataset(uri: str, split: str, windows: Sequence[Window]) -> ray.data.Dataset:
+    """A Ray Dataset whose rows (image, label) are those of `windows`, in order. Ray Data may hold
+    _WINDOWS_IN_FLIGHT of the largest window in its object store budget."""
     fs, root = resolve_uri(uri)
     manifest = read_manifest_from(fs, root, uri)
     paths = shard_uris(fs, root, manifest, split)
+    row_bytes = math.prod(manifest.image_shape) + ROW_OVERHEAD_BYTES
+    window_bytes = max(w.rows_read for w in windows) * row_bytes
     items = [{"window": json.dumps(dataclasses.asdict(w))} for w in windows]
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         _read_windows, batch_size=1, batch_format="numpy", fn_kwargs={"fs": fs, "paths": paths},
@@ -130,11 +134,13 @@ class _DecodeBatch(NumpyBatchCollateFn):
 
 
 def stream_batches(uri: str, split: str, windows: Sequence[Window], manifest: DatasetManifest, *,
-                   batch_size: int, window_bytes: float, prefetch_batches: int = 2,
+                   batch_size: int, prefetch_batches: int = 2,
                    device: torch.device | str = "cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Consecutive batches of `batch_size` rows of `windows` (the last may be shorter), decoded to
     (images float32 (B, C, H, W) in [-1, 1], labels int64 (B,)) on `device`."""
-    ds = window_dataset(uri, split, windows, window_bytes)
+    if not windows:
+        return
+    ds = window_dataset(uri, split, windows)
     for batch in ds.iter_torch_batches(batch_size=batch_size, prefetch_batches=prefetch_batches,
                                        collate_fn=_DecodeBatch(manifest), device=device):
         yield batch["image"], batch["label"]

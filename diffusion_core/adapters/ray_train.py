@@ -281,7 +281,6 @@ def worker_batches(config: TrainConfig, manifest: DatasetManifest, rank: int, wo
                 start_step, manifest.counts[TRAIN_SPLIT])
     return stream_batches(config.dataset, TRAIN_SPLIT, windows, manifest,
                           batch_size=config.per_worker_batch_size,
-                          window_bytes=config.shuffle_window_mib * 2**20,
                           prefetch_batches=config.prefetch_batches, device=device)
 
 
