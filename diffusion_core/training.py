@@ -155,8 +155,8 @@ class TrainPlacement(BaseModel):
     in a batch (data_order).
 
     Each worker runs torch with floor(cpus_per_worker) threads; leave at least one CPU of the
-    cluster free for Ray Data's reads. A worker holds about `shuffle_window_mib` of stored images per
-    window in flight (a few windows at most), whatever the size of the dataset.
+    cluster free for Ray Data's reads. A worker's stream holds windows of `shuffle_window_mib` of
+    stored images, a bounded number at a time (ray_data.stream_batches), whatever the dataset's size.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -170,7 +170,6 @@ class TrainPlacement(BaseModel):
     max_failures: int = Field(1, ge=-1)
     shuffle_window_mib: float = Field(
         64.0, gt=0, le=4096, description="stored images shuffled together (MiB; at least one batch)")
-    prefetch_batches: int = Field(2, ge=1, le=64, description="batches each worker reads ahead")
     compile: bool = False
     channels_last: bool = Field(False, description="NHWC memory format for the UNet and its inputs")
     fault_injection: FaultInjection | None = None

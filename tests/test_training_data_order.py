@@ -104,3 +104,46 @@ def test_training_windows_size_windows_by_bytes_and_cover_the_run() -> None:
     whole = stream_row_indices(training_windows(config, image_bytes, [[1024] * 10], rank=1, world=2,
                                                 start_step=0))
     assert np.array_equal(stream_row_indices(found)[: 60 * 32], whole[40 * 32 : 100 * 32])
+
+
+def test_rebatch_cuts_consecutive_batches_across_blocks() -> None:
+    from diffusion_core.adapters.ray_data import rebatch
+
+    sizes = [5, 1, 7, 3, 0, 9]
+    rows = np.arange(sum(sizes))
+    blocks, start = [], 0
+    for n in sizes:
+        blocks.append({"a": rows[start : start + n], "b": -rows[start : start + n]})
+        start += n
+    batches = list(rebatch(iter(blocks), 4))
+    assert [len(b["a"]) for b in batches] == [4] * 6 + [1]
+    assert np.array_equal(np.concatenate([b["a"] for b in batches]), rows)
+    assert all(np.array_equal(b["b"], -b["a"]) for b in batches)
+
+
+def test_segments_bound_the_bytes_of_one_execution() -> None:
+    from diffusion_core.adapters.ray_data import segments
+
+    found = windows(window_rows=600)
+    groups = segments(found, row_bytes=10, segment_bytes=2000)  # about 200 rows per segment
+    assert [w for g in groups for w in g] == found
+    assert all(sum(w.rows_read for w in g) * 10 <= 2000 or len(g) == 1 for g in groups)
+    assert len(segments(found, row_bytes=10, segment_bytes=1e12)) == 1
+
+
+def test_the_next_iterable_is_started_while_the_current_one_is_consumed() -> None:
+    import threading
+
+    from diffusion_core.adapters.ray_data import _chain_started_ahead
+
+    started = [threading.Event() for _ in range(4)]
+
+    def segment(k: int, n: int):
+        started[k].set()
+        yield from range(10 * k, 10 * k + n)
+
+    chained = _chain_started_ahead(segment(k, n) for k, n in enumerate([3, 0, 2, 1]))
+    assert next(chained) == 0
+    assert started[1].wait(timeout=30)  # begun in the background, the consumer still in segment 0
+    assert not started[2].is_set()  # one segment ahead, no more
+    assert list(chained) == [1, 2, 20, 21, 30]

@@ -1,6 +1,6 @@
 """The Ray Data pipeline of a training worker (ray_data.stream_batches) on a real local Ray: it
-yields exactly the rows that data_order assigns, decoded, in order, also when started inside a
-window (a resumed run)."""
+yields exactly the rows that data_order assigns, decoded, in order, across segments (one Ray Data
+execution each), also when started inside a window (a resumed run)."""
 
 from __future__ import annotations
 
@@ -42,7 +42,9 @@ def test_stream_yields_the_planned_rows_in_order(ray_local, digits: str, rank: i
     expected = stream_row_indices(windows)
     b = config.per_worker_batch_size
     count = 0
-    for i, (x, y) in enumerate(stream_batches(digits, "train", windows, manifest, batch_size=b)):
+    # Segments of about 3 windows: several Ray Data executions, batches spanning them.
+    stream = stream_batches(digits, "train", windows, manifest, batch_size=b, segment_bytes=60_000)
+    for i, (x, y) in enumerate(stream):
         rows = torch.from_numpy(expected[i * b : (i + 1) * b])
         assert torch.equal(x, images[rows]) and torch.equal(y, labels[rows]), f"batch {i}"
         count += 1

@@ -280,8 +280,7 @@ def worker_batches(config: TrainConfig, manifest: DatasetManifest, rank: int, wo
     logger.info("worker %d: %d windows from step %d (%d training images in the split)", rank, len(windows),
                 start_step, manifest.counts[TRAIN_SPLIT])
     return stream_batches(config.dataset, TRAIN_SPLIT, windows, manifest,
-                          batch_size=config.per_worker_batch_size,
-                          prefetch_batches=config.prefetch_batches, device=device)
+                          batch_size=config.per_worker_batch_size, device=device)
 
 
 def restore_state(state: TrainState, config: TrainConfig) -> int:
