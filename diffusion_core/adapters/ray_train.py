@@ -15,11 +15,11 @@ at the end, rank 0 writes the checkpoint and every rank calls `ray.train.report`
 Why each worker builds its own stream instead of taking a `streaming_split` shard of a Trainer
 dataset: the split assigns blocks to workers dynamically, so neither a shard's rows nor their order
 would be reproducible across attempts, and every Ray Data epoch restarts the pipeline (one to three
-seconds here, which on small datasets costs more than the training itself). The worker's stream is
-instead one Ray Data pipeline over the windows that `data_order` assigns to its rank for the whole
-run: the rows of step s are a function of (seed, rank, num_workers, s), and a resumed run reads
-exactly the batches an uninterrupted one would, on any number of workers. Nothing holds the shard:
-a few shuffle windows of stored bytes are in flight at a time.
+seconds on a 2-core machine, more than a small dataset's epoch of training). The worker's stream
+instead reads the windows that `data_order` assigns to its rank for the whole run, in segments of
+bounded size (ray_data.stream_batches): the rows of step s are a function of (seed, rank,
+num_workers, s), and a resumed run reads exactly the batches an uninterrupted one would, on any
+number of workers. Nothing holds the shard: at most two segments of stored bytes are in flight.
 """
 
 from __future__ import annotations
