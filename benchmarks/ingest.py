@@ -1,8 +1,11 @@
 """Training ingest: peak memory of the whole Ray process tree and images/s, streaming against the
 in-memory path it replaced, on 32x32 RGB datasets of two sizes and on the default digits run.
 
-    python -m benchmarks.ingest [--sizes 20000 200000] [--steps 30] [--digits-steps 200]
+    python -m benchmarks.ingest [--sizes 20000 200000] [--steps 20] [--digits-steps 200]
                                 [--before REF] [--out benchmarks/results/ingest.json]
+
+About ten minutes on a quiet 2-core machine with the defaults; the in-memory run on 200,000 images
+needs about 10 GB of free memory.
 
 Datasets: random 32x32 RGB images written to a .npy (benchmarks.prepare.generate) and prepared with
 the CLI (`diffusion-pipeline prepare SOURCE OUT --size 32 --channels 3`), once per size.
@@ -202,7 +205,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="*", default=[20_000, 200_000],
                         help="32x32 RGB dataset sizes; none: digits only")
-    parser.add_argument("--steps", type=int, default=30, help="steps of each 32x32 RGB run")
+    parser.add_argument("--steps", type=int, default=20, help="steps of each 32x32 RGB run")
     parser.add_argument("--base-channels", type=int, default=32, help="UNet width of the 32x32 RGB runs")
     parser.add_argument("--digits-steps", type=int, default=200, help="steps of the digits runs; 0 skips")
     parser.add_argument("--before", default=None, help="git ref of the in-memory version")
