@@ -34,7 +34,7 @@ def running_app(settings, env: dict[str, str] | None = None) -> Iterator[str]:
     actors (one torch thread each) and `env` in the replicas' environment -> its URL. Serve is shut
     down afterwards; the session's Ray stays up."""
     import ray
-    from conftest import RAY_TEST_CPUS
+    from local_services import RAY_TEST_CPUS
     from ray import serve
 
     from serving import control

@@ -49,7 +49,7 @@ def make_checkpoint(path: Path, output_fill: float | None = None) -> Path:
 def apps(_ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """name -> ServeSettings of the three running apps (see the module docstring)."""
     import ray
-    from conftest import RAY_TEST_CPUS, free_port
+    from local_services import RAY_TEST_CPUS, free_port
     from ray import serve
 
     from serving import control

@@ -24,7 +24,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from conftest import _terminate, _wait_http, free_port
+from local_services import free_port, terminate, wait_http
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from test_registry_support import make_checkpoint
@@ -309,7 +309,7 @@ def _start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
                              "--artifacts-destination", str(root / "artifacts"),
                              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    _wait_http(f"http://127.0.0.1:{port}/health", proc, timeout=120, log_path=root / f"server-{port}.log")
+    wait_http(f"http://127.0.0.1:{port}/health", proc, timeout=120, log_path=root / f"server-{port}.log")
     return proc
 
 
@@ -353,7 +353,7 @@ def test_rank_zero_tracking_survives_a_server_outage(tmp_path, monkeypatch) -> N
         assert client.get_run(run_id).data.tags["phase"] == "outage"
         assert [a.path for a in client.list_artifacts(run_id, "samples")] == ["samples/step_0000002.png"]
     finally:
-        _terminate(server)
+        terminate(server)
 
 
 def test_rank_zero_tracking_against_an_unreachable_server_never_raises(quick_mlflow_http, caplog,

@@ -86,7 +86,7 @@ def test_parts_from_two_model_versions_are_not_joined():
 
 
 def test_generate_against_a_stopped_server_says_how_to_start_one(tmp_path: Path, capsys):
-    from conftest import free_port
+    from local_services import free_port
 
     from flows.cli import main
 
@@ -111,7 +111,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(_ray_session: None, checkpoint: Path) -> str:
-    from conftest import free_port
+    from local_services import free_port
     from served_app import running_app
 
     from serving.config import ServeSettings

@@ -48,7 +48,7 @@ def chromium_executable() -> str:
 @pytest.fixture(scope="module")
 def app(_ray_session: None, tmp_path_factory: pytest.TempPathFactory):
     """The running app's ServeSettings."""
-    from conftest import free_port
+    from local_services import free_port
     from mlflow import MlflowClient
     from served_app import make_checkpoint, running_app
 

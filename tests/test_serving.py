@@ -35,7 +35,7 @@ STEPS = 4
 
 
 def free_port() -> int:
-    from conftest import free_port as conftest_free_port
+    from local_services import free_port as conftest_free_port
 
     return conftest_free_port()
 
@@ -114,7 +114,7 @@ def server(_ray_session: None, settings, serve_config: Path) -> str:
     """The app, started by the deploy task (declaratively, as `diffusion-pipeline serve` does) from
     the packaged Serve config with test-sized actor options -> its URL."""
     import ray
-    from conftest import RAY_TEST_CPUS
+    from local_services import RAY_TEST_CPUS
     from ray import serve
 
     from flows.deploy import deploy
