@@ -56,14 +56,23 @@ def _ray_session() -> Iterator[None]:
         ray.shutdown()
 
 
+def init_session_ray() -> None:
+    """Start the session's local Ray unless one is connected: RAY_TEST_CPUS logical CPUs, and its
+    dashboard on a free loopback port (Serve apps are deployed and switched through the Serve REST
+    API there, and the test Ray must never answer at the default 8265 of someone else's)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=RAY_TEST_CPUS, include_dashboard=True, dashboard_host="127.0.0.1",
+                 dashboard_port=free_port(), log_to_driver=True, configure_logging=False)
+
+
 @pytest.fixture()
 def ray_local(_ray_session: None):
     """A local single-node Ray, started on first use and shared by the session."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=RAY_TEST_CPUS, include_dashboard=False, log_to_driver=True,
-                 configure_logging=False)
+    init_session_ray()
     return ray
 
 
