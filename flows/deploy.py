@@ -48,7 +48,7 @@ class DeployResult(BaseModel):
     model_name: str
     version: str
     alias: str | None
-    url: str
+    url: str | None  # the local app's; None when every target is elsewhere
     outcomes: list[SwitchOutcome] = Field(default_factory=list)
 
 
@@ -98,7 +98,7 @@ def deploy_model(
         action = "started"
     logger.info("deploy %s v%s: %s", model_name, pinned, action)
     return DeployResult(action=action, app_name=settings.app_name, model_name=model_name, version=pinned,
-                        alias=alias, url=settings.url, outcomes=report.outcomes)
+                        alias=alias, url=settings.url if local else None, outcomes=report.outcomes)
 
 
 def _action(report: SwitchReport) -> DeployAction:
