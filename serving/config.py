@@ -183,10 +183,10 @@ class ServeSettings(BaseModel):
         "sampling): past it /generate answers 504 (and drops the request's images from the queue) and "
         "/model 503 instead of hanging, e.g. while no model replica is healthy. The model replica "
         "admits only the work it can finish within it. Keep it above what max_work takes alone")
-    # Where running apps are switched when the champion changes; not an arg of the app.
+    # Where running apps are switched when the champion changes; not an arg of the app (app_args).
     targets: list[ServeTarget] = Field(
-        default_factory=list, exclude=True, description="running apps to switch when the champion "
-        "changes; empty: the apps of the local Ray (RayTarget())")
+        default_factory=list, description="running apps to switch when the champion changes; empty: "
+        "the apps of the local Ray (RayTarget())")
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Self:
@@ -201,6 +201,10 @@ class ServeSettings(BaseModel):
                              f"max_images_per_batch={self.max_images_per_batch}; accepted: >= it")
         ModelSelection.model_validate(self._selection_fields())  # same rules as a hot swap
         return self
+
+    def app_args(self) -> dict[str, object]:
+        """The Serve application's args (JSON): every field but `targets`, which say where apps run."""
+        return self.model_dump(mode="json", exclude={"targets"})
 
     def switch_targets(self) -> list[RayTarget | KubeRayTarget]:
         """`targets`, or the local Ray when none are configured."""

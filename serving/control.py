@@ -71,7 +71,7 @@ def serve_deploy_config(settings: ServeSettings, base: dict[str, Any] | None = N
     config = copy.deepcopy(base if base is not None else load_serve_config())
     app = _single_app(config)
     app.update(name=settings.app_name, route_prefix=settings.route_prefix,
-               args=settings.model_dump(mode="json"))
+               args=settings.app_args())
     config.setdefault("http_options", {}).update(host=settings.host, port=settings.port)
     return config
 

@@ -111,7 +111,7 @@ def test_kuberay_target_watches_the_head_service_of_its_rayservice():
         {"kind": "ray", "dashboard_url": "http://head:8265"}]})
     assert [type(t) for t in settings.switch_targets()] == [KubeRayTarget, RayTarget]
     assert ServeSettings().switch_targets() == [RayTarget()]
-    assert "targets" not in ServeSettings.model_validate({"targets": [{"kind": "ray"}]}).model_dump()
+    assert "targets" not in ServeSettings.model_validate({"targets": [{"kind": "ray"}]}).app_args()
     with pytest.raises(ValueError, match="targets"):
         ServeSettings.model_validate({"targets": [{"kind": "ray", "dashboard_url": "head:8265"}]})
 
@@ -380,3 +380,31 @@ def test_the_dashboard_refuses_a_request_without_the_token(app: ServeSettings, m
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # this client then sends no token
     with pytest.raises(ServeRestError, match="refused the token"):
         ServeRestClient(url).details()
+
+
+@pytest.mark.slow
+def test_serve_pins_the_version_its_alias_points_to_when_it_starts(app: ServeSettings, registry: dict):
+    """`diffusion-pipeline serve --alias champion`: the replicas load one version, pinned at start."""
+    from diffusion_core.adapters.ray_dashboard import local_dashboard_url
+    from flows.cli.serve import serve_until_interrupted
+    from serving import control
+    from serving.pinning import app_model
+    from serving.serve_rest import ServeRestClient, declarative_configs
+
+    base = control.load_serve_config()
+    for deployment in base["applications"][0]["deployments"]:
+        deployment["ray_actor_options"] = {"num_cpus": 0}
+    cli = app.model_copy(update={"app_name": "cli", "route_prefix": "/cli"})
+    assert (cli.alias, cli.version) == ("champion", None)
+    champion = champion_of(registry, MODEL)
+    seen = {}
+
+    def while_serving() -> None:
+        config = declarative_configs(ServeRestClient(local_dashboard_url()).details())["cli"]
+        seen["pinned"] = app_model(config).model.version
+        seen["served"] = model_info(cli.url)["version"]
+        raise KeyboardInterrupt
+
+    serve_until_interrupted(cli, base, ray_address=None, block=while_serving)
+    assert seen == {"pinned": champion, "served": champion}
+    assert "cli" not in control.running_app_names()

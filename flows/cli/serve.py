@@ -49,14 +49,15 @@ def block_forever() -> None:
 
 def serve_until_interrupted(settings: ServeSettings, base: dict[str, Any], ray_address: str | None,
                             block: Callable[[], None] = block_forever) -> None:
-    """Start the app, run `block` (until Ctrl-C), then delete the app, or stop Serve and Ray with it
-    when this command started Ray."""
+    """Start the app with its registry version pinned (`pin_alias`), run `block` (until Ctrl-C),
+    then delete the app, or stop Serve and Ray with it when this command started Ray."""
     from ray import serve
 
     from diffusion_core.adapters.ray_cluster import connect_ray, stop_ray
     from diffusion_core.adapters.ray_dashboard import local_dashboard_url
     from serving import control
 
+    settings = pin_alias(settings)
     connection = connect_ray(ray_address)
     started = False
     try:
@@ -103,6 +104,17 @@ def serve_command(
     if ray_address is None:  # replicas of a Ray started here inherit this environment
         require_api_key(settings, base)
     serve_until_interrupted(settings, base, ray_address)
+
+
+def pin_alias(settings: ServeSettings) -> ServeSettings:
+    """`settings` with the version its alias points to now: every replica, also one that starts
+    later, loads that version until `promote` or `rollback` pins another (serving.switch)."""
+    if settings.checkpoint_dir is not None or settings.version is not None:
+        return settings
+    from flows.deploy import resolve_pinned_version
+
+    version = resolve_pinned_version(settings.model_name, settings.alias, None, settings.tracking_uri)
+    return settings.model_copy(update={"version": version})
 
 
 def require_api_key(settings: ServeSettings, base: dict[str, Any]) -> None:
