@@ -109,7 +109,8 @@ def to_job(request: GenerateRequest) -> GenerationJob:
     """A request validated by `request_model` (server defaults filled in) -> the job to sample."""
     return GenerationJob(steps=request.steps, sampler=request.sampler, guidance_scale=request.guidance_scale,
                          eta=request.eta, seeds=draw_seeds(request.seed, request.num_images),
-                         labels=None if request.labels is None else tuple(request.labels))
+                         labels=None if request.labels is None else tuple(request.labels),
+                         unconditional=request.unconditional)
 
 
 def read_api_key(env_name: str | None) -> str | None:
@@ -220,7 +221,8 @@ def _response(request: GenerateRequest, job: GenerationJob, result: Generated, h
               started: float) -> Response:
     images, sampled = encode_images(result.images, request.format), result.timings
     body = GenerateResponse(
-        model=result.model, seeds=list(job.seeds), labels=None if job.labels is None else list(job.labels),
+        model=result.model, seeds=list(job.seeds),
+        labels=None if result.labels is None else list(result.labels),
         shape=list(result.images.shape), format=request.format, images=images,
         timings=Timings(queue_s=sampled.queue_s, sampling_s=sampled.sampling_s, model_s=sampled.model_s,
                         handle_s=handle_s, total_s=time.perf_counter() - started,

@@ -22,7 +22,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
-from local_services import RAY_TEST_CPUS, free_port, terminate, wait_http
+from local_services import free_port, init_session_ray, terminate, wait_http
 
 
 @pytest.fixture()
@@ -51,9 +51,7 @@ def ray_local(_ray_session: None):
     """A local single-node Ray, started on first use and shared by the session."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=RAY_TEST_CPUS, include_dashboard=False, log_to_driver=True,
-                 configure_logging=False)
+    init_session_ray()
     return ray
 
 

@@ -47,3 +47,14 @@ def terminate(proc: subprocess.Popen) -> None:
             proc.wait(timeout=20)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def init_session_ray() -> None:
+    """Start the session's local Ray unless one is connected: RAY_TEST_CPUS logical CPUs, and its
+    dashboard on a free loopback port (Serve apps are deployed and switched through the Serve REST
+    API there, and the test Ray must never answer at the default 8265 of someone else's)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=RAY_TEST_CPUS, include_dashboard=True, dashboard_host="127.0.0.1",
+                 dashboard_port=free_port(), log_to_driver=True, configure_logging=False)

@@ -85,3 +85,32 @@ def test_the_http_front_end_loads_neither_torch_nor_the_model():
     root = Path(__file__).resolve().parent.parent
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+@pytest.fixture()
+def never_started(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test, instead of serving until interrupted, should `serve` get as far as starting."""
+    import flows.cli.serve as serve_module
+
+    def started(*args, **kwargs) -> None:
+        raise AssertionError("serve started Ray and the app")
+
+    monkeypatch.setattr(serve_module, "serve_until_interrupted", started)
+
+
+def test_serve_refuses_a_public_host_without_an_api_key(never_started):
+    """Before: `serve --host 0.0.0.0` served anyone who reached the port."""
+    result = CliRunner().invoke(app, ["serve", "--host", "0.0.0.0"])
+    assert isinstance(result.exception, ConfigError), result.exception
+    assert "api_key_env: required when host is not a loopback address" in str(result.exception)
+
+
+def test_serve_refuses_an_api_key_variable_that_is_not_set(never_started, monkeypatch):
+    monkeypatch.delenv("DIFFUSION_UNSET_SERVE_KEY", raising=False)
+    args = ["serve", "--host", "0.0.0.0", "--api-key-env", "DIFFUSION_UNSET_SERVE_KEY"]
+    result = CliRunner().invoke(app, args)
+    assert isinstance(result.exception, ConfigError), result.exception
+    assert "'DIFFUSION_UNSET_SERVE_KEY' is not set or empty" in str(result.exception)
+    monkeypatch.setenv("DIFFUSION_UNSET_SERVE_KEY", "a-key")
+    result = CliRunner().invoke(app, args)
+    assert isinstance(result.exception, AssertionError)  # it got as far as starting

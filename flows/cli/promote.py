@@ -1,8 +1,13 @@
 """`diffusion-pipeline promote VERSION`: run the promotion gate for a registered version (or force it).
 
-Exit codes: 0 when VERSION is champion afterwards (promoted, forced, or already champion); 1 when
-the gate rejects it (the champion is unchanged), so scripts can branch on the decision; 2 for an
-error the user can act on (DiffusionPipelineError, e.g. FDs that are not comparable).
+Then every running application serving the model switches to the champion (serving.switch; the
+targets are the `serve.targets` of the config file, else the local Ray) and each one is printed.
+
+Exit codes: 0 when VERSION is champion afterwards (promoted, forced, or already champion) and every
+application serves it; 1 when the gate rejects it (the champion is unchanged), so scripts can
+branch on the decision; 2 for an error the user can act on (DiffusionPipelineError, e.g. FDs that
+are not comparable); 3 when an application could not be switched (the champion has changed; each
+such application is named).
 """
 
 from __future__ import annotations
@@ -50,6 +55,25 @@ def promote_command(
     print_decision(decision)
     if decision.action == "rejected":
         raise typer.Exit(code=1)
+    switch_served_apps(context, registry)
+
+
+def switch_served_apps(context: CliContext, registry: RegistryConfig) -> None:
+    """Switch every running app serving the model to its champion; print each outcome; exit 3
+    naming the apps that could not be switched."""
+    from diffusion_core.adapters.mlflow_registry import CHAMPION
+    from serving.switch import switch_to_alias
+
+    settings, _ = context.serve_settings()
+    report = switch_to_alias(registry.model_name, CHAMPION, settings.switch_targets(),
+                             tracking_uri=registry.tracking_uri)
+    for outcome in report.outcomes:
+        typer.echo(f"serving: {outcome.describe()}")
+    if report.failures:
+        names = ", ".join(f"{o.app_name or '(all)'} on {o.target}" for o in report.failures)
+        typer.secho(f"error: not switched to version {report.version}: {names}", fg=typer.colors.RED,
+                    err=True)
+        raise typer.Exit(code=3)
 
 
 def _reevaluator(dataset: str, registry: RegistryConfig, context: CliContext) -> Callable[[str], float]:

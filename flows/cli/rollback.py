@@ -1,10 +1,13 @@
-"""`diffusion-pipeline rollback`: move the champion alias back to the previous champion."""
+"""`diffusion-pipeline rollback`: move the champion alias back to the previous champion, then switch every
+running application serving the model to it (as `promote` does; exit code 3 names an application
+that could not be switched)."""
 
 from __future__ import annotations
 
 import typer
 
 from flows.cli.context import cli_context
+from flows.cli.promote import switch_served_apps
 from flows.cli.register import print_decision
 
 
@@ -20,6 +23,8 @@ def rollback_command(
     """Point `champion` at the version the current champion replaced (repeat to go further back)."""
     from diffusion_core.adapters.mlflow_registry import rollback
 
-    registry = cli_context(ctx).registry_config({"model_name": model_name, "tracking_uri": tracking_uri})
+    context = cli_context(ctx)
+    registry = context.registry_config({"model_name": model_name, "tracking_uri": tracking_uri})
     print_decision(rollback(registry.model_name, tracking_uri=registry.tracking_uri,
                             lock_dir=registry.lock_dir, lock_timeout_s=registry.lock_timeout_s))
+    switch_served_apps(context, registry)

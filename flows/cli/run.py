@@ -59,8 +59,9 @@ def run_command(
     from flows.pipeline import retrain
 
     started = time.monotonic()
-    # A Ray started here outlives training so that Serve can run in it; it stops when `run` ends.
-    connection = connect_ray(config.resolved_ray_address(), include_dashboard=False)
+    # A Ray started here outlives training so that Serve can run in it; it stops when `run` ends. Its
+    # dashboard (127.0.0.1) carries Serve's REST API, through which the app is started and switched.
+    connection = connect_ray(config.resolved_ray_address())
     try:
         result = retrain(config)
         grid = _fetch_grid(config, result, num_images)

@@ -5,14 +5,22 @@ http_options host/port in the Serve config file (--serve-config, default serving
 the `serve` section of the pipeline config file, MLFLOW_TRACKING_URI, then these flags. Replicas and
 ray_actor_options come from the Serve config file's deployments.
 
-Ray: `connect_ray` (--ray-address / RAY_ADDRESS, else a new local Ray owned by this command; `auto`
-for a `ray start` cluster on this machine). Ctrl-C deletes only the app this command started on a
-cluster it connected to, so other apps there keep running; a Ray this command started stops with it.
+Ray: `connect_ray` (--ray-address / RAY_ADDRESS, else a new local Ray owned by this command, with
+its dashboard on 127.0.0.1, port 8265 or the next free one; `auto` for a `ray start` cluster on this
+machine). The app is deployed through Serve's REST API on that Ray's dashboard, where `promote` and
+`rollback` find it later (RAY_DASHBOARD_ADDRESS when it is not at 127.0.0.1:8265). Ctrl-C deletes
+only the app this command started on a cluster it connected to, so other apps there keep running; a
+Ray this command started stops with it.
+
+API key: an endpoint on a non-loopback host needs one (ServeSettings refuses `api_key_env` unset
+there), and when this command starts Ray itself the variable must be set, in this environment or
+in the app's runtime_env, before anything starts.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,13 +49,15 @@ def block_forever() -> None:
 
 def serve_until_interrupted(settings: ServeSettings, base: dict[str, Any], ray_address: str | None,
                             block: Callable[[], None] = block_forever) -> None:
-    """Start the app, run `block` (until Ctrl-C), then delete the app, or stop Serve and Ray with it
-    when this command started Ray."""
+    """Start the app with its registry version pinned (`pin_alias`), run `block` (until Ctrl-C),
+    then delete the app, or stop Serve and Ray with it when this command started Ray."""
     from ray import serve
 
     from diffusion_core.adapters.ray_cluster import connect_ray, stop_ray
+    from diffusion_core.adapters.ray_dashboard import local_dashboard_url
     from serving import control
 
+    settings = pin_alias(settings)
     connection = connect_ray(ray_address)
     started = False
     try:
@@ -55,6 +65,7 @@ def serve_until_interrupted(settings: ServeSettings, base: dict[str, Any], ray_a
         started = True
         typer.echo(f"serving {settings.model_name} at {settings.url} (docs: {settings.url}/docs); "
                    "Ctrl-C stops")
+        typer.echo(f"Ray dashboard (Serve REST API, for promote/rollback): {local_dashboard_url()}")
         block()
     except KeyboardInterrupt:
         typer.echo("shutting down")
@@ -90,4 +101,30 @@ def serve_command(
         "device": device, "max_images_per_batch": max_images_per_batch, "api_key_env": api_key_env,
     }
     settings, base = cli_context(ctx).serve_settings(serve_config, overrides)
+    if ray_address is None:  # replicas of a Ray started here inherit this environment
+        require_api_key(settings, base)
     serve_until_interrupted(settings, base, ray_address)
+
+
+def pin_alias(settings: ServeSettings) -> ServeSettings:
+    """`settings` with the version its alias points to now: every replica, also one that starts
+    later, loads that version until `promote` or `rollback` pins another (serving.switch)."""
+    if settings.checkpoint_dir is not None or settings.version is not None:
+        return settings
+    from flows.deploy import resolve_pinned_version
+
+    version = resolve_pinned_version(settings.model_name, settings.alias, None, settings.tracking_uri)
+    return settings.model_copy(update={"version": version})
+
+
+def require_api_key(settings: ServeSettings, base: dict[str, Any]) -> None:
+    """ConfigError when the app names an API-key variable that neither this environment nor the
+    app's runtime_env sets: its endpoint could not start."""
+    from diffusion_core.errors import ConfigError
+    from serving import control
+
+    name = settings.api_key_env
+    if name is None or os.environ.get(name) or control.app_env_vars(base).get(name):
+        return
+    raise ConfigError(f"api_key_env: environment variable {name!r} is not set or empty; the endpoint "
+                      "requires its API key", hint=f"export {name}=<key> (clients send it as a bearer token)")
