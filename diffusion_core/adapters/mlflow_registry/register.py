@@ -8,6 +8,7 @@ tied to the evaluation split (evaluation_record.py); its description says what i
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -33,6 +34,8 @@ from diffusion_core.adapters.mlflow_store import client_for, ensure_experiment, 
 from diffusion_core.checkpoint import ModelSpec, read_spec
 
 logger = logging.getLogger(__name__)
+
+MODEL_VERSIONS_TAG = "mlflow.modelVersions"  # mlflow.utils.mlflow_tags.MLFLOW_MODEL_VERSIONS
 
 
 def log_and_register(
@@ -96,6 +99,7 @@ def log_and_register(
             model_name, source, run_id=run_id, tags=version_tags, model_id=model_id,
             description=version_description(summary, NOT_GATED)), "create_model_version"))
         with_retries(lambda: client.set_registered_model_alias(model_name, CANDIDATE, mv.version), "alias")
+    with_retries(lambda: _link_logged_model(client, model_id, model_name, mv.version), "logged model tag")
     logger.info("registered %s version %s (candidate) from %s", model_name, mv.version, checkpoint_dir)
     return version_info(client.get_model_version(model_name, mv.version))
 
@@ -105,6 +109,17 @@ def _trained_on(spec: ModelSpec, evaluation_dataset: EvaluationDataset | None) -
     if evaluation_dataset is not None and evaluation_dataset.fingerprint == spec.data.dataset_fingerprint:
         return evaluation_dataset.dataset
     return None
+
+
+def _link_logged_model(client: MlflowClient, model_id: str, name: str, version: str) -> None:
+    """Name the version on its logged model (MLflow's `mlflow.modelVersions` tag, a JSON list of
+    {name, version}): the experiment's Models page links logged models to versions through it.
+    A tracking server adds the entry itself when the version is created with `model_id`; a database
+    store does not, so it is added here unless already present."""
+    existing = json.loads(client.get_logged_model(model_id).tags.get(MODEL_VERSIONS_TAG) or "[]")
+    if not any(e.get("name") == name and str(e.get("version")) == str(version) for e in existing):
+        entry = {"name": name, "version": str(version)}
+        client.set_logged_model_tags(model_id, {MODEL_VERSIONS_TAG: json.dumps([*existing, entry])})
 
 
 def _ensure_registered_model(client: MlflowClient, name: str, data: DataSpecKey) -> None:
