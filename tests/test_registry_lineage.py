@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from mlflow import MlflowClient
 from test_registry_support import make_checkpoint, make_shapes_checkpoint
@@ -147,3 +148,29 @@ def test_the_models_page_shows_scores_on_the_named_split_and_how_each_version_wa
     evaluation = [i for i in inputs
                   if {t.key: t.value for t in i.tags}["mlflow.data.context"] == "evaluation"]
     assert [(i.dataset.name, i.dataset.digest) for i in evaluation] == [("digits-val", fingerprint)]
+
+
+def test_the_pipeline_refuses_other_data_before_training(prefect_harness, mlflow_store, digits,
+                                                         tmp_path) -> None:
+    """`run --source shapes.npz --size 16 --channels 3` into the digits model stops at the registry
+    check, before any training, naming the problem and the way out."""
+    from flows.pipeline import PipelineStageError, retrain
+    from flows.pipeline_config import PipelineConfig
+
+    uri = mlflow_store.tracking_uri
+    v1 = log_and_register(digits, model_name="diffusion-digits", tracking_uri=uri, lock_dir=tmp_path,
+                          metrics={"eval_fd": 10.0, **GOOD}, tags={"eval_key": "k"})
+    promote_if_better("diffusion-digits", v1.version, tracking_uri=uri, lock_dir=tmp_path)
+    rng = np.random.default_rng(0)
+    shapes = tmp_path / "shapes.npz"
+    np.savez(shapes, images=rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8), labels=np.arange(40) % 2)
+    config = PipelineConfig(source=str(shapes), work_dir=str(tmp_path / "work"), tracking_uri=uri,
+                            model_name="diffusion-digits", prepare={"size": 16, "channels": 3},
+                            registry={"lock_dir": str(tmp_path)})
+    with pytest.raises(PipelineStageError) as refused:
+        retrain(config)
+    assert refused.value.stage == "registry"
+    assert "differs in image_size, channels, label_names" in str(refused.value)
+    assert "--model-name diffusion-shapes" in refused.value.hint
+    assert not (tmp_path / "work" / "ray_results").exists()  # nothing was trained
+    assert [v.version for v in list_versions("diffusion-digits", uri)] == ["1"]

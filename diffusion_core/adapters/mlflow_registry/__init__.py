@@ -50,6 +50,7 @@ from diffusion_core.adapters.mlflow_registry.gate import GatePolicy
 from diffusion_core.adapters.mlflow_registry.lineage import (
     DataSpecKey,
     champion_data_spec,
+    require_same_lineage,
     suggest_model_name,
 )
 from diffusion_core.adapters.mlflow_registry.lock import registry_lock
@@ -74,5 +75,6 @@ __all__ = [
     "PREVIOUS_CHAMPION", "DataSpecKey", "EvaluationDataset", "GatePolicy", "ModelVersionInfo",
     "PromotionDecision", "RegistryConfig", "RegistryError", "champion_data_spec", "download_checkpoint",
     "generation_frame", "get_version", "list_versions", "log_and_register", "log_directory", "numeric_tags",
-    "promote", "promote_if_better", "registry_lock", "resolve_version", "rollback", "suggest_model_name",
+    "promote", "promote_if_better", "registry_lock", "require_same_lineage", "resolve_version", "rollback",
+    "suggest_model_name",
 ]

@@ -30,8 +30,9 @@ from diffusion_core.adapters.mlflow_registry.config import CHAMPION, DATA_SPEC_T
 from diffusion_core.adapters.mlflow_registry.download import download_spec
 from diffusion_core.adapters.mlflow_registry.errors import RegistryError
 from diffusion_core.adapters.mlflow_registry.versions import ModelVersionInfo, version_by_alias
-from diffusion_core.adapters.mlflow_store import client_for
+from diffusion_core.adapters.mlflow_store import client_for, dataset_name
 from diffusion_core.checkpoint import DataSpec
+from diffusion_core.data.manifest import DatasetManifest
 from diffusion_core.errors import DiffusionPipelineError
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,13 @@ class DataSpecKey(BaseModel):
     @classmethod
     def of(cls, data: DataSpec) -> DataSpecKey:
         return cls(image_size=data.image_size, channels=data.channels, label_names=data.label_names)
+
+    @classmethod
+    def of_manifest(cls, manifest: DatasetManifest) -> DataSpecKey:
+        """The data spec of a model trained on `manifest`'s dataset (as ray_train.model_spec_for
+        builds it): known before training."""
+        return cls(image_size=manifest.image_size, channels=manifest.channels,
+                   label_names=manifest.label_names)
 
     @classmethod
     def from_tag(cls, text: str | None) -> DataSpecKey | None:
@@ -115,6 +123,15 @@ def champion_data_spec(model_name: str, tracking_uri: str | None = None) -> Data
         raise RegistryError(f"model {model_name!r}: the data spec of champion version {champion.version} "
                             "cannot be read")
     return key
+
+
+def require_same_lineage(model_name: str, candidate: DataSpecKey, *, tracking_uri: str | None = None,
+                         allow_new_data_spec: bool = False, dataset_uri: str | None = None) -> None:
+    """`check_lineage` against the store at `tracking_uri`, for a caller that has no client, e.g.
+    a pipeline before training: a registration that would be refused is refused before the
+    training it would waste. dataset_uri: the candidate's dataset, for the suggested model name."""
+    check_lineage(client_for(tracking_uri), model_name, candidate, allow_new_data_spec,
+                  dataset_name(dataset_uri) if dataset_uri else None)
 
 
 def check_lineage(client: MlflowClient, model_name: str, candidate: DataSpecKey, allow_new_data_spec: bool,
