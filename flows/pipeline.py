@@ -26,11 +26,13 @@ from pydantic import BaseModel, ConfigDict
 
 from diffusion_core.adapters.mlflow_registry import (
     CHAMPION,
+    DataSpecKey,
     ModelVersionInfo,
     RegistryConfig,
     RegistryError,
     list_versions,
     numeric_tags,
+    require_same_lineage,
     resolve_version,
 )
 from diffusion_core.adapters.ray_cluster import ray_is_reachable
@@ -113,6 +115,10 @@ def retrain(config: PipelineConfig | None = None) -> PipelineResult:
 
 def _train_and_register(config: PipelineConfig, registry: RegistryConfig, dataset: PrepareResult,
                         champion: ModelVersionInfo | None, key: str) -> PipelineResult:
+    # Registration refuses a model of other data than the champion's: refuse it before training.
+    run_stage("registry", require_same_lineage, registry.model_name,
+              DataSpecKey.of_manifest(dataset.manifest), tracking_uri=registry.tracking_uri,
+              allow_new_data_spec=registry.allow_new_data_spec, dataset_uri=dataset.uri)
     warm = (run_stage("warm-start", champion_checkpoint, champion, registry, config.work_path())
             if config.warm_start and champion is not None else None)
     run_name = _run_name(key, config.force_train)

@@ -31,7 +31,9 @@ from test_registry_support import make_checkpoint
 
 from diffusion_core.adapters.mlflow_registry import (
     CHAMPION,
+    DATA_SPEC_TAG,
     PREVIOUS_CHAMPION,
+    DataSpecKey,
     RegistryError,
     download_checkpoint,
     generation_frame,
@@ -44,7 +46,9 @@ from diffusion_core.errors import CheckpointError
 from diffusion_core.metrics import EvalConfig, ReferenceData, evaluate_model
 from diffusion_core.metrics_features import FeatureExtractor, FeatureNetConfig, random_feature_extractor
 
-GOOD = {"eval_precision": "0.9", "eval_recall": "0.9", "eval_key": "k"}
+# Versions registered by log_and_register always carry their data spec; the gate compares only those.
+DIGITS_SPEC = DataSpecKey(image_size=8, channels=1, label_names=[str(i) for i in range(10)]).to_tag()
+GOOD = {"eval_precision": "0.9", "eval_recall": "0.9", "eval_key": "k", DATA_SPEC_TAG: DIGITS_SPEC}
 
 
 @pytest.fixture(scope="module")
@@ -341,7 +345,7 @@ def test_rank_zero_tracking_survives_a_server_outage(tmp_path, monkeypatch) -> N
         server.wait(timeout=30)
         started = time.monotonic()
         tracker.log_metrics({"loss": 0.5}, step=2)
-        tracker.log_png(b"\x89PNG fake", "samples", "step_0000002.png")
+        tracker.log_image(np.zeros((4, 4, 1), np.uint8), "samples", step=2)
         tracker.set_tags({"phase": "outage"})
         tracker.log_metrics({"loss": 0.25}, step=3)
         assert time.monotonic() - started < 1.0  # logging never waits for the server
@@ -351,7 +355,8 @@ def test_rank_zero_tracking_survives_a_server_outage(tmp_path, monkeypatch) -> N
         history = client.get_metric_history(run_id, "loss")
         assert sorted((m.step, m.value) for m in history) == [(1, 1.0), (2, 0.5), (3, 0.25)]
         assert client.get_run(run_id).data.tags["phase"] == "outage"
-        assert [a.path for a in client.list_artifacts(run_id, "samples")] == ["samples/step_0000002.png"]
+        images = [a.path for a in client.list_artifacts(run_id, "images")]
+        assert len(images) == 2 and all(p.startswith("images/samples+step+2+") for p in images), images
     finally:
         terminate(server)
 
@@ -368,7 +373,7 @@ def test_rank_zero_tracking_against_an_unreachable_server_never_raises(quick_mlf
         tracker = RankZeroTracker(uri, "0" * 32)
         for step in range(1, 4):
             tracker.log_metrics({"loss": 1.0 / step}, step=step)
-        tracker.log_png(b"png", "samples", "x.png")
+        tracker.log_image(np.zeros((4, 4, 1), np.uint8), "samples", step=3)
         tracker.close()
     assert time.monotonic() - started < 60
     assert "unavailable" in caplog.text and "not sent" in caplog.text

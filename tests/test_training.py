@@ -343,7 +343,8 @@ def test_default_run_names_are_unique_and_safe_and_bad_names_are_refused() -> No
 
 def test_sample_grid_is_what_the_saved_checkpoint_generates(tmp_path: Path) -> None:
     from diffusion_core.adapters.ray_train import sample_grid
-    from diffusion_core.images import make_grid, to_uint8
+    from diffusion_core.image_grids import readable_grid
+    from diffusion_core.images import to_uint8
 
     config = tiny_config(num_sample_images=10, sample_steps=2)
     images, labels = fake_data(64)
@@ -355,8 +356,11 @@ def test_sample_grid_is_what_the_saved_checkpoint_generates(tmp_path: Path) -> N
     path = save_training_checkpoint(tmp_path / "ckpt", state, config, spec)
     loaded = load_checkpoint(path, use_ema=True)
     expected = loaded.generate(10, steps=2, sampler=config.sampler, seeds=range(10), labels=list(range(10)))
-    assert grid.shape == (1 + 9, 1 + 10 * 9, 1)  # one row of ten 8x8 tiles, 1-pixel padding
-    assert (grid == make_grid(to_uint8(expected), nrow=10)).all()
+    # one column per class (image i has label i), each tile enlarged to 64 pixels, under a header
+    expected_grid = readable_grid(to_uint8(expected), labels=list(range(10)),
+                                  label_names=spec.data.label_names)
+    assert grid.shape == expected_grid.shape and grid.shape[1] == 2 + 10 * (64 + 2)
+    assert (grid == expected_grid).all()
 
 
 def test_mixed_precision_and_channels_last_are_off_on_cpu_by_default() -> None:

@@ -48,7 +48,8 @@ from diffusion_core.checkpoint import DataSpec, LoadedModel, ModelSpec
 from diffusion_core.class_prior import class_prior
 from diffusion_core.data.manifest import DatasetManifest, read_manifest
 from diffusion_core.errors import CheckpointError, ConfigError
-from diffusion_core.images import encode_png, make_grid, to_uint8
+from diffusion_core.image_grids import readable_grid
+from diffusion_core.images import to_uint8
 from diffusion_core.training import (
     TrainConfig,
     TrainingDivergedError,
@@ -64,6 +65,7 @@ from diffusion_core.training import (
 logger = logging.getLogger(__name__)
 
 TRAIN_SPLIT = "train"
+SAMPLES_IMAGE_KEY = "samples"  # the MLflow image series of the training run's sample grids
 
 
 @dataclass(frozen=True)
@@ -309,6 +311,12 @@ def _open_tracker(loop_config: dict[str, Any], rank: int):
     return RankZeroTracker(loop_config["tracking_uri"], loop_config["run_id"])
 
 
+def _log_cadence(config: TrainConfig):
+    from diffusion_core.adapters.mlflow_tracking import LogCadence
+
+    return LogCadence(config.log_every, config.steps)
+
+
 def _reduce_mean(world: int):
     def reduce(t: Tensor) -> Tensor:
         if world > 1:
@@ -329,6 +337,7 @@ class _WorkerLoop:
         self.config, self.spec, self.state, self.model = config, spec, state, model
         self.batches, self.has_labels, self.train_rows = batches, has_labels, train_rows
         self.rank, self.world, self.tracker = rank, world, tracker
+        self.cadence = _log_cadence(config) if tracker is not None else None
         self.window_losses: list[float] = []
         self.window_start = time.perf_counter()
         self.window_step = 0
@@ -353,27 +362,33 @@ class _WorkerLoop:
 
     def _after_step(self, result) -> None:
         step, config = self.state.step, self.config
-        if not result.skipped:
-            self.window_losses.append(result.loss)
-        if step % config.log_every == 0 or step == config.steps:
-            self._log(result)
+        if self.tracker is not None:
+            self._record(result)
         # The checkpoint first: a failure while sampling must not lose the step.
         if step % config.checkpoint_every == 0 or step == config.steps:
             self._checkpoint()
         if (config.sample_every and step % config.sample_every == 0) or step == config.steps:
             self._log_samples()
 
-    def _log(self, result) -> None:
+    def _record(self, result) -> None:
+        """Rank 0: a point of the training curves whenever the cadence says so (LogCadence: every
+        log_every steps, the last step, and at least every few seconds); a text line on schedule."""
+        if not result.skipped:
+            self.window_losses.append(result.loss)
+        if self.cadence.due(self.state.step):
+            self._log(result, announce=self.cadence.on_schedule(self.state.step))
+
+    def _log(self, result, announce: bool) -> None:
         now = time.perf_counter()
         steps = self.state.step - self.window_step
         images_per_s = steps * self.config.batch_size / max(now - self.window_start, 1e-9)
         loss = sum(self.window_losses) / len(self.window_losses) if self.window_losses else float("nan")
         eta = (self.config.steps - self.state.step) * self.config.batch_size / max(images_per_s, 1e-9)
-        if self.tracker is not None:
-            self.tracker.log_metrics({
-                "loss": loss, "lr": result.lr, "grad_norm": result.grad_norm,
-                "images_per_s": images_per_s, "nonfinite_steps": float(self.state.nonfinite_total),
-            }, step=self.state.step)
+        self.tracker.log_metrics({
+            "loss": loss, "lr": result.lr, "grad_norm": result.grad_norm,
+            "images_per_s": images_per_s, "nonfinite_steps": float(self.state.nonfinite_total),
+        }, step=self.state.step)
+        if announce:
             logger.info("step %d/%d  loss %.4f  %.0f images/s  ETA %.0fs", self.state.step,
                         self.config.steps, loss, images_per_s, eta)
         self.window_losses, self.window_start, self.window_step = [], now, self.state.step
@@ -382,7 +397,7 @@ class _WorkerLoop:
         if self.tracker is None:
             return
         grid = sample_grid(self.state, self.spec, self.config)
-        self.tracker.log_png(encode_png(grid), "samples", f"step_{self.state.step:07d}.png")
+        self.tracker.log_image(grid, key=SAMPLES_IMAGE_KEY, step=self.state.step)
 
     def _metrics(self, diverged: bool = False) -> dict[str, Any]:
         elapsed = time.perf_counter() - self.loop_start
@@ -420,11 +435,13 @@ class _WorkerLoop:
 
 def sample_grid(state: TrainState, spec: ModelSpec, config: TrainConfig) -> Any:
     """A uint8 (H, W, C) grid of samples from the EMA weights, generated as a loaded checkpoint would
-    (LoadedModel.generate: same sampler call and value-range mapping). Class-conditional models get
-    label i % num_classes for image i, so each column of the grid is one class."""
+    (LoadedModel.generate: same sampler call and value-range mapping), enlarged to be readable
+    (image_grids.readable_grid). Class-conditional models get label i % num_classes for image i:
+    one column per class, under the class's name."""
     loaded = LoadedModel(state.ema.averaged_model(state.model), spec, weights="ema")
     n, num_classes = config.num_sample_images, spec.unet.num_classes
     labels = torch.arange(n) % num_classes if num_classes else None
     images = loaded.generate(n, steps=config.sample_steps, sampler=config.sampler,
                              seeds=list(range(n)), labels=labels)
-    return make_grid(to_uint8(images), nrow=num_classes or 8)
+    return readable_grid(to_uint8(images), labels=None if labels is None else labels.tolist(),
+                         label_names=spec.data.label_names)
