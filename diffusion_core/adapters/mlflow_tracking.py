@@ -166,16 +166,30 @@ def finish_run(config: TrainConfig, run_id: str, checkpoint_path: str | None, fa
     client.set_terminated(run_id, status=RunStatus.to_string(status))
 
 
+def last_logged_step(client: MlflowClient, run_id: str) -> int:
+    """The highest step in the run's metric histories (-1 if none), system metrics aside: they
+    count their own samples."""
+    keys = [key for key in client.get_run(run_id).data.metrics if not key.startswith("system/")]
+    return max((m.step for key in keys for m in client.get_metric_history(run_id, key)), default=-1)
+
+
 class RankZeroTracker:
-    """Rank 0's handle on the run: metrics per step, PNG sample grids, system metrics."""
+    """Rank 0's handle on the run: metrics per step, PNG sample grids, system metrics.
+
+    A resumed run (a retried worker group, or the same run name started again) repeats the steps
+    between its last checkpoint and the interruption; their metrics are in the history already, so
+    steps up to the last one logged are not logged again (one value per step)."""
 
     def __init__(self, tracking_uri: str, run_id: str) -> None:
         mlflow.set_tracking_uri(tracking_uri)
         # Stay inside the run opened by the driver; never end it here (a retry reattaches).
         os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "5")
         self.run = mlflow.start_run(run_id=run_id, log_system_metrics=True)
+        self.logged_through = last_logged_step(MlflowClient(tracking_uri=tracking_uri), run_id)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if step <= self.logged_through:
+            return
         mlflow.log_metrics(metrics, step=step)
 
     def log_png(self, png: bytes, artifact_path: str, filename: str) -> None:
