@@ -1,15 +1,17 @@
 """Prefect task `deploy`: put a registered model version behind the Ray Serve app.
 
     resolve models:/<name>@<alias> (or take the pinned version)
-      -> the app is running: switch its model deployment's user_config to that version
-         (replicas reconfigure in place; in-flight requests finish on the old version)
+      -> the app is running: `switch_served_version` (replicas reconfigure in place; in-flight
+         requests finish on the old version)
       -> not running and start_if_not_running: start the app (serve_config.yaml + settings)
       -> not running otherwise: nothing to do ("not_running")
 
 Ray: `connect_ray(ray_address)`: the cluster at `ray_address` or RAY_ADDRESS, else a new local Ray that
-lives as long as this process (the `run` command connects first and stops it when it is done). On
-Kubernetes the RayService owns the Serve config: change the DiffusionModel user_config in its
-serveConfigV2 instead.
+lives as long as this process (the `run` command connects first and stops it when it is done).
+
+`switch_served_version` is the one place where the pipeline changes the version a running app
+serves; how a switch is carried out (the app's declarative config on this Ray cluster today; on
+Kubernetes, where the RayService owns the Serve config, its serveConfigV2) belongs behind it.
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ def deploy_model(
     if settings.app_name in control.running_app_names():
         action = "unchanged" if control.serves(_current(settings.app_name), selection) else "switched"
         if action == "switched":
-            control.switch_model(settings.app_name, selection, timeout_s)
+            switch_served_version(settings.app_name, selection, timeout_s)
     elif start_if_not_running:
         pinned = settings.model_copy(update={"model_name": model_name, "alias": alias,
                                              "version": selection.version})
@@ -95,6 +97,14 @@ def deploy_model(
         action = "not_running"
     logger.info("deploy %s v%s to %s: %s", model_name, selection.version, settings.app_name, action)
     return DeployResult(action=action, **result)
+
+
+def switch_served_version(app_name: str, selection: ModelSelection, timeout_s: float = 300.0) -> None:
+    """Make the running Serve app `app_name` serve `selection` and return once every replica does;
+    ConfigError (the app keeps its version) when a replica cannot load it."""
+    from serving import control
+
+    control.switch_model(app_name, selection, timeout_s)
 
 
 def _current(app_name: str) -> ModelInfo:

@@ -4,7 +4,7 @@ Three levels, chosen by the global options:
 
 - default: INFO lines of the project's loggers (`flows`, `diffusion_core`, `serving`: stages,
   progress with rate and ETA, results) and WARNING or worse from the libraries. Ray's and MLflow's
-  own INFO lines, Prefect's engine lines, HTTP request logs, Python warnings and the output of Ray
+  own INFO lines, Prefect's run logs, HTTP request logs, Python warnings and the output of Ray
   workers (`log_to_driver`) stay off the terminal. Prefect still receives every run log: its API
   handler sits on its own loggers, before the terminal's filter.
 - `--verbose`: INFO of every library, Ray workers' output included.
@@ -40,15 +40,22 @@ class TerminalHandler(logging.StreamHandler):
     name starts with an underscore)."""
 
 
+# Loggers kept off the default terminal at every level: Python's warnings module (notes about
+# library internals) and Prefect's flow and task run loggers, whose lines (states, crash reports,
+# tracebacks) are the run's record in the Prefect UI; the CLI reports failures and interruptions
+# itself, in one line with a hint.
+_HIDDEN_LOGGERS = ("py.warnings", "prefect.flow_runs", "prefect.task_runs")
+
+
 class _TerminalFilter(logging.Filter):
-    """Default level: the project's INFO lines, and WARNING or worse from anyone else except
-    Python's warnings module (developer notes about library internals)."""
+    """Default level: the project's INFO lines, and WARNING or worse from the libraries."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        top = record.name.split(".", 1)[0]
-        if top in PROJECT_LOGGERS:
+        if record.name.split(".", 1)[0] in PROJECT_LOGGERS:
             return True
-        return record.levelno >= logging.WARNING and top != "py"
+        if record.name.startswith(_HIDDEN_LOGGERS):
+            return False
+        return record.levelno >= logging.WARNING
 
 
 class _TerminalFormatter(logging.Formatter):

@@ -8,7 +8,9 @@ API call retried against a dead server for minutes before failing with ConnectEr
 
 `prefect_api` starts that same server before any flow runs, with SIGINT blocked in the child (the
 signal mask is inherited across fork and exec; Ray starts its own processes the same way), and
-stops it when the command ends. Prefect has no public option for how the temporary server is
+stops it when the command ends, after Prefect's background senders of logs and events have
+delivered what they hold (as Prefect's own test harness does): sent later, they would retry
+against a stopped server at exit. Prefect has no public option for how the temporary server is
 spawned, so this is the one place that reaches for `prefect.server.api.server`.
 """
 
@@ -21,12 +23,16 @@ from contextlib import contextmanager
 
 logger = logging.getLogger(__name__)
 
+# Prefect's own default (20 s) is too short for a first start on a busy machine, which migrates a
+# new database: a slow start should not fail a run.
+MIN_STARTUP_TIMEOUT_S = 120
+
 
 @contextmanager
 def prefect_api() -> Iterator[None]:
     """Start the temporary Prefect server unless PREFECT_API_URL names one (see the module
     docstring); stop it on exit."""
-    from prefect.settings import PREFECT_API_URL
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
 
     if PREFECT_API_URL.value():
         yield
@@ -36,11 +42,23 @@ def prefect_api() -> Iterator[None]:
     server = SubprocessASGIServer()  # the instance Prefect's client uses when it needs a server
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
-        server.start()
+        server.start(max(MIN_STARTUP_TIMEOUT_S, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()))
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     logger.debug("temporary Prefect server at %s", server.api_url)
     try:
         yield
     finally:
+        _deliver_pending_logs_and_events()
         server.stop()
+
+
+def _deliver_pending_logs_and_events(timeout_s: float = 10.0) -> None:
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        try:
+            worker.drain_all(timeout=timeout_s)
+        except Exception as err:  # noqa: BLE001 - the run is over; its last records are best effort
+            logger.debug("Prefect %s not drained: %s", worker.__name__, type(err).__name__)

@@ -180,7 +180,7 @@ def serve_command(context: CliContext, config: PipelineConfig) -> str:
     where `serve` without it would resolve something else (work dir, model name, store, port)."""
     words = ["diffusion-pipeline"]
     if context.config is not None and context.config_from_flag:
-        words += ["--config", str(context.config)]
+        words += ["--config", shlex.quote(str(context.config))]
     words.append("serve")
     flags: dict[str, str] = {}
     wanted = {"work_dir": str(config.work_path()), "model_name": config.resolved_model_name(),

@@ -69,6 +69,14 @@ def serve_until_interrupted(context: CliContext, settings: ServeSettings, base: 
         stop_ray(connection)
 
 
+def without_alias_when_pinned(settings: ServeSettings) -> ServeSettings:
+    """A pinned version claims no alias (the alias may point elsewhere, now or later), so that
+    /model reports what is really served."""
+    if settings.version is None or settings.alias is None:
+        return settings
+    return settings.model_validate({**settings.model_dump(), "alias": None})
+
+
 def _what(settings: ServeSettings) -> str:
     if settings.checkpoint_dir:
         return f"checkpoint {settings.checkpoint_dir}"
@@ -108,8 +116,7 @@ def serve_command(
         "api_key_env": api_key_env,
     }
     settings, base = context.serve_settings(serve_config, overrides)
-    if settings.version is not None:  # a pinned version claims no alias: the alias may move on
-        settings = settings.model_validate({**settings.model_dump(), "alias": None})
+    settings = without_alias_when_pinned(settings)
     if settings.checkpoint_dir is None:
         registered_version(settings.model_name, settings.tracking_uri, settings.alias, settings.version)
     serve_until_interrupted(context, settings, base, ray_address)
