@@ -31,5 +31,6 @@ class MlflowUi:
 def mlflow_ui(tracking_uri: str) -> MlflowUi:
     if tracking_uri.startswith(("http://", "https://")):
         return MlflowUi(strip_credentials(tracking_uri).rstrip("/"), None)
-    return MlflowUi(f"http://127.0.0.1:{MLFLOW_UI_PORT}",
-                    f"mlflow ui --backend-store-uri {redact_uri(tracking_uri)} --port {MLFLOW_UI_PORT}")
+    # One worker process: enough for one person, and light next to the pipeline (the default is 4).
+    return MlflowUi(f"http://127.0.0.1:{MLFLOW_UI_PORT}", f"mlflow ui --backend-store-uri "
+                    f"{redact_uri(tracking_uri)} --workers 1 --port {MLFLOW_UI_PORT}")
