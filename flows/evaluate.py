@@ -46,6 +46,7 @@ from diffusion_core.metrics import (
 from diffusion_core.metrics_features import FeatureExtractor
 from diffusion_core.training import read_training_step
 from flows.checkpoints import registry_checkpoint
+from flows.prefect_logs import project_logs_to_prefect
 
 logger = logging.getLogger(__name__)
 
@@ -173,15 +174,22 @@ def evaluate_and_register(
 
     extra_tags are added to the version (the pipeline adds its training key and flow run id).
     """
-    eval_config = eval_config or EvalConfig()
-    registry_config = registry_config or RegistryConfig()
+    with project_logs_to_prefect():
+        return _evaluate_and_register(Path(checkpoint_dir), dataset_uri, eval_config or EvalConfig(),
+                                      registry_config or RegistryConfig(), training_run_id, run_gate,
+                                      force, extra_tags)
+
+
+def _evaluate_and_register(checkpoint_dir: Path, dataset_uri: str, eval_config: EvalConfig,
+                           registry_config: RegistryConfig, training_run_id: str | None, run_gate: bool,
+                           force: bool, extra_tags: dict[str, str] | None) -> EvaluateOutcome:
     reference = load_reference(dataset_uri)
     extractor = feature_extractor_task(reference, eval_config)
-    evaluation = evaluate_checkpoint(Path(checkpoint_dir), reference, extractor, eval_config)
-    version = register_version(Path(checkpoint_dir), evaluation, eval_config, registry_config, extractor,
+    evaluation = evaluate_checkpoint(checkpoint_dir, reference, extractor, eval_config)
+    version = register_version(checkpoint_dir, evaluation, eval_config, registry_config, extractor,
                                training_run_id, extra_tags,
                                EvaluationDataset.split_of(dataset_uri, reference.fingerprint, "val"))
-    log_evaluation_grid(Path(checkpoint_dir), eval_config, version, registry_config)
+    log_evaluation_grid(checkpoint_dir, eval_config, version, registry_config)
     decision = None
     if run_gate:
         decision = gate(version, evaluation, reference, extractor, eval_config, registry_config, force)

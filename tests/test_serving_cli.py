@@ -56,12 +56,17 @@ def test_serve_settings_layer_serve_config_args_then_config_file_then_env_then_f
     assert deployed["http_options"]["port"] == 9001
 
 
-def test_packaged_serve_config_leaves_the_tracking_uri_to_mlflow(monkeypatch):
+def test_serve_looks_in_the_store_run_writes_while_the_packaged_config_leaves_it_to_mlflow(
+        tmp_path, monkeypatch):
     from flows.cli.context import CliContext
+    from serving import control
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    settings, _ = CliContext().serve_settings()
-    assert settings.tracking_uri is None and settings.max_images_per_batch == 32
+    monkeypatch.chdir(tmp_path)
+    settings, base = CliContext().serve_settings()
+    assert settings.tracking_uri == f"sqlite:///{tmp_path}/diffusion-pipeline-work/mlflow.db"
+    assert settings.model_name == "diffusion-digits" and settings.max_images_per_batch == 32
+    assert control.settings_fields(base)["tracking_uri"] is None  # `serve run`: MLflow's own default
 
 
 def test_the_serve_config_names_the_deployments_that_build_app_creates():

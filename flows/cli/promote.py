@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from flows.cli.context import CliContext, cli_context
+from flows.cli.context import MODEL_NAME_HELP, WORK_DIR_HELP, CliContext, cli_context
 from flows.cli.register import print_decision
 
 if TYPE_CHECKING:
@@ -31,8 +31,10 @@ def register(app: typer.Typer) -> None:
 def promote_command(
     ctx: typer.Context,
     version: str = typer.Argument(..., help="Version number of the registered model."),
-    model_name: str | None = typer.Option(None, help="Registered model name (registry.model_name)."),
-    tracking_uri: str | None = typer.Option(None, help="MLflow tracking URI (or MLFLOW_TRACKING_URI)."),
+    model_name: str | None = typer.Option(None, help=MODEL_NAME_HELP),
+    tracking_uri: str | None = typer.Option(None, help="MLflow tracking URI (default: the store in the "
+                                            "work dir; or MLFLOW_TRACKING_URI)."),
+    work_dir: str | None = typer.Option(None, "--work-dir", help=WORK_DIR_HELP),
     force: bool = typer.Option(False, "--force", help="Make it champion whatever the numbers say."),
     dataset: str | None = typer.Option(
         None, help="Prepared dataset to re-evaluate the champion on when its recorded FD was measured "
@@ -44,9 +46,12 @@ def promote_command(
     Exits with code 1 when the gate rejects VERSION.
     """
     from diffusion_core.adapters.mlflow_registry import promote_if_better
+    from flows.stores import registered_version
 
     context = cli_context(ctx)
-    registry = context.registry_config({"model_name": model_name, "tracking_uri": tracking_uri})
+    registry = context.registry_config({"model_name": model_name, "tracking_uri": tracking_uri,
+                                        "work_dir": work_dir})
+    registered_version(registry.model_name, registry.tracking_uri, version=version)
     decision = promote_if_better(
         registry.model_name, version, policy=registry.gate_policy(), force=force,
         tracking_uri=registry.tracking_uri, lock_dir=registry.lock_dir,
