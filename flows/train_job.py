@@ -87,6 +87,7 @@ def training_job_request(config: TrainConfig, tags: dict[str, str],
     environ = os.environ if environ is None else environ
     job_config = config.model_copy(update={"ray_address": None})  # the job's RAY_ADDRESS: its cluster
     env_vars = {name: environ[name] for name in FORWARDED_ENV if environ.get(name)}
+    env_vars["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"  # terminal bars; a job's log is a file
     if config.tracking_uri:
         env_vars["MLFLOW_TRACKING_URI"] = config.tracking_uri
     entrypoint = shlex.join(["python", "-m", ENTRYPOINT_MODULE, job_config.model_dump_json(),
@@ -98,18 +99,19 @@ def training_job_request(config: TrainConfig, tags: dict[str, str],
 
 def read_result(logs: str, submission_id: str) -> TrainResult:
     """The TrainResult from the last result line of the job's log."""
-    lines = [line for line in logs.splitlines() if line.startswith(RESULT_MARKER)]
+    # Output of Ray's workers shares the log and may leave a line unfinished before the result.
+    lines = [line.partition(RESULT_MARKER)[2] for line in logs.splitlines() if RESULT_MARKER in line]
     if not lines:
         raise RayJobError(f"Ray job {submission_id} succeeded but its log holds no training result line")
     try:
-        return _RESULT.validate_json(lines[-1].removeprefix(RESULT_MARKER))
+        return _RESULT.validate_json(lines[-1])
     except ValidationError as err:
         raise RayJobError(f"Ray job {submission_id}: its training result line is malformed "
                           f"({err.error_count()} errors)") from None
 
 
 def _log_job_line(submission_id: str, line: str) -> None:
-    if line and not line.startswith(RESULT_MARKER):
+    if line.strip() and RESULT_MARKER not in line:
         logger.info("[%s] %s", submission_id, line)
 
 
@@ -123,13 +125,17 @@ def result_line(result: TrainResult) -> str:
 def main(argv: list[str] | None = None) -> int:
     """`python -m flows.train_job CONFIG_JSON [TAGS_JSON]`: train in this process's Ray (the
     cluster the job runs on) and print the result line."""
-    from flows.train import train_in_process  # flows.train submits through this module
+    from flows.cli.console import Verbosity, configure_console, quiet_ray_logs
 
     args = sys.argv[1:] if argv is None else argv
     if len(args) not in (1, 2):
         sys.stderr.write("usage: python -m flows.train_job CONFIG_JSON [TAGS_JSON]\n")
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # The job's log shows what a terminal shows by default: the project's lines (estimate, progress
+    # with ETA) and warnings; Ray workers' output stays in it too (errors of a worker show there).
+    configure_console(Verbosity.DEFAULT)  # before Prefect is imported (flows.train)
+    quiet_ray_logs(Verbosity.DEFAULT)
+    from flows.train import train_in_process  # flows.train submits through this module
     try:
         config = TrainConfig.model_validate_json(args[0])
         tags = TypeAdapter(dict[str, str]).validate_json(args[1] if len(args) == 2 else "{}")
@@ -137,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"flows.train_job: invalid arguments ({err.error_count()} errors)\n")
         return 2
     result = train_in_process(config, tags)
-    sys.stdout.write(result_line(result) + "\n")
+    sys.stdout.write("\n" + result_line(result) + "\n")
     sys.stdout.flush()
     return 0
 

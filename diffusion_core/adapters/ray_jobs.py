@@ -36,7 +36,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from itertools import count
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -51,6 +51,9 @@ RUNTIME_ENV_EXCLUDES = ("__pycache__", "*.pyc", "*.egg-info")
 LAST_LINES = 40  # log lines quoted in the error of a failed job
 POLL_S = 1.0
 STOP_WAIT_S = 60.0
+SUBMIT_RETRY_S = 120.0  # how long a cluster that answers 5xx to a submission is given to get ready
+SUBMIT_RETRY_PAUSE_S = 2.0
+SERVER_ERROR = "status code 5"
 
 
 class RayJobError(DiffusionPipelineError):
@@ -83,7 +86,10 @@ def project_runtime_env(packages: list[ModuleType], env_vars: dict[str, str]) ->
     installed) as `py_modules`, so that the job's driver and its Ray workers import the code that
     submitted it, not whatever version the cluster's image holds; third-party libraries come from
     the image. `env_vars` must hold no secrets (the dashboard shows them)."""
-    return {"py_modules": list(packages), "excludes": list(RUNTIME_ENV_EXCLUDES),
+    # Paths, not module objects: the Jobs SDK uploads local directories (a module object is only
+    # accepted by ray.init's runtime_env).
+    paths = [str(Path(package.__file__).parent) for package in packages]
+    return {"py_modules": paths, "excludes": list(RUNTIME_ENV_EXCLUDES),
             "env_vars": dict(env_vars)}
 
 
@@ -126,19 +132,32 @@ def run_job(dashboard_url: str, request: JobRequest, emit: Callable[[str, str], 
 def submit_or_attach(client, request: JobRequest) -> str:
     """The id of the job that does `request`: an existing job of its id (or of a later attempt) that
     is running or succeeded, else a new job under the first free attempt id."""
-    for attempt in count(1):
+    deadline = time.monotonic() + SUBMIT_RETRY_S
+    attempt = 1
+    while True:
         submission_id = request.submission_id if attempt == 1 else f"{request.submission_id}-{attempt}"
         status = _status_or_none(client, submission_id)
-        if status is None:
+        if status in ("FAILED", "STOPPED"):
+            attempt += 1
+            continue
+        if status is not None:
+            logger.info("attached to Ray job %s (%s)", submission_id, status)
+            return submission_id
+        try:
             client.submit_job(entrypoint=request.entrypoint, runtime_env=request.runtime_env,
                               submission_id=submission_id, metadata=request.metadata,
                               entrypoint_num_cpus=request.entrypoint_num_cpus)
-            logger.info("submitted Ray job %s", submission_id)
-            return submission_id
-        if status not in ("FAILED", "STOPPED"):
-            logger.info("attached to Ray job %s (%s)", submission_id, status)
-            return submission_id
-    raise AssertionError("unreachable")
+        except RuntimeError as err:
+            # The SDK reports every refusal as RuntimeError("Request failed with status code N: ...").
+            # 5xx: the cluster is not ready yet (its job agent starts after the dashboard), or a
+            # concurrent submitter took the id (then the next round attaches to its job).
+            if SERVER_ERROR not in str(err) or time.monotonic() > deadline:
+                raise
+            logger.warning("Ray job %s: the cluster refused the submission for now; retrying", submission_id)
+            time.sleep(SUBMIT_RETRY_PAUSE_S)
+            continue
+        logger.info("submitted Ray job %s", submission_id)
+        return submission_id
 
 
 def _status_or_none(client, submission_id: str) -> str | None:
