@@ -35,7 +35,7 @@ from diffusion_core.redact import redact_uri
 from diffusion_core.training import TrainConfig
 from diffusion_core.unet import UNetConfig
 from flows.config import CONFIG_ENV, DEFAULT_WORK_DIR, build_config, read_config_file
-from serving.config import ServeSettings
+from serving.config import RayTarget, ServeSettings
 
 # TrainConfig fields that the pipeline derives (the dataset it prepared, a run name from the
 # training key, the champion's weights for a warm start).
@@ -95,7 +95,8 @@ class PipelineConfig(BaseModel):
     model_name: str | None = Field(None, description="registered model name; None: derived from the "
                                    "dataset (diffusion-<dataset name>)")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI; None: SQLite in work_dir")
-    ray_address: str | None = Field(None, description="Ray cluster address; None: a local Ray")
+    ray_address: str | None = Field(None, description="Ray cluster address; None: a local Ray. A "
+                                    "dashboard URL (http://head:8265) trains as a Ray Job there")
     promotion_margin: float | None = Field(None, ge=0.0, lt=1.0)
     serve: bool = Field(False, description="deploy the champion to Ray Serve after registration")
     warm_start: bool = Field(False, description="start training from the current champion's weights")
@@ -175,9 +176,17 @@ class PipelineConfig(BaseModel):
         return self.registry.model_copy(update=update)
 
     def serve_settings(self) -> ServeSettings:
-        """Serve the registered model this pipeline registers, from the same tracking store."""
-        return self.serving.model_copy(update={"model_name": self.resolved_model_name(),
-                                               "tracking_uri": self.resolved_tracking_uri()})
+        """Serve the registered model this pipeline registers, from the same tracking store. With a
+        cluster's dashboard URL as the Ray address and no `serving.targets`, the apps to switch are
+        those of that cluster."""
+        from diffusion_core.adapters.ray_cluster import job_submission_url  # imports Ray
+
+        update: dict[str, Any] = {"model_name": self.resolved_model_name(),
+                                  "tracking_uri": self.resolved_tracking_uri()}
+        dashboard_url = job_submission_url(self.resolved_ray_address())
+        if dashboard_url is not None and not self.serving.targets:
+            update["targets"] = [RayTarget(dashboard_url=dashboard_url)]
+        return self.serving.model_copy(update=update)
 
     def train_config(self, dataset: DatasetManifest, dataset_uri: str, run_name: str,
                      warm_start: str | None) -> TrainConfig:

@@ -1,10 +1,13 @@
 """Prefect task and flow `train`: one Ray Train run, tracked in MLflow, linked to the flow run.
 
-`train_interruptibly` is how the CLI and the flows train: an estimate of the time first (a few
-steps timed here, `estimate_training`), then `diffusion_core.adapters.ray_train.run_training`
-(TorchTrainer.fit() inside an ordinary task) with its progress logged (`flows.progress`), the MLflow
-run tagged with the Prefect flow run id so that a run in the MLflow UI leads back to the pipeline
-run that produced it.
+`train_interruptibly` is how the CLI and the flows train. Where the Ray address is a cluster's
+dashboard URL (`ray_cluster.job_submission_url`), the run goes to that cluster as a Ray Job
+(`flows.train_job`), whose log lines are logged here as they arrive; otherwise it runs in this
+process (`train_in_process`): an estimate of the time first (a few steps timed here,
+`estimate_training`), then `diffusion_core.adapters.ray_train.run_training` (TorchTrainer.fit()
+inside an ordinary task) with its progress logged (`flows.progress`). The Ray Job runs the same
+`train_in_process` on the cluster. Either way the MLflow run is tagged with the Prefect flow run id
+so that a run in the MLflow UI leads back to the pipeline run that produced it.
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ from prefect import flow, task
 from prefect.runtime import flow_run
 
 from diffusion_core.adapters.mlflow_tracking import resolved_tracking_uri
+from diffusion_core.adapters.ray_cluster import job_submission_url
 from diffusion_core.adapters.ray_train import TrainResult, default_run_name, run_training
 from diffusion_core.training import TrainConfig
 from flows.prefect_logs import project_logs_to_prefect
 from flows.progress import duration, watch_training
+from flows.train_job import train_as_ray_job
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +97,18 @@ def log_estimate(config: TrainConfig) -> None:
 
 
 def train_interruptibly(config: TrainConfig, tags: dict[str, str] | None = None) -> TrainResult:
+    """Train `config` (a run name is chosen when it has none): as a Ray Job when its Ray address is
+    a dashboard URL, else in this process. Ctrl-C, or the cancellation of the Prefect flow run,
+    stops the run either way (`ray_jobs` stops the job); a rerun resumes it from its checkpoint."""
+    run_name = config.run_name or default_run_name()
+    config = config.model_copy(update={"run_name": run_name})
+    dashboard_url = job_submission_url(config.ray_address)
+    if dashboard_url is not None:
+        return train_as_ray_job(config, dashboard_url, tags)
+    return train_in_process(config, tags)
+
+
+def train_in_process(config: TrainConfig, tags: dict[str, str] | None = None) -> TrainResult:
     """`run_training(config)` with an estimate first and progress lines while it runs.
 
     Ray Train's fit() replaces the process's SIGINT handler when it runs on the main thread (and
@@ -124,7 +141,8 @@ def train_interruptibly(config: TrainConfig, tags: dict[str, str] | None = None)
 
 @task(name="train-model")
 def train_task(config: TrainConfig) -> TrainResult:
-    """Train with Ray Train; returns the final checkpoint path, MLflow run id and last metrics."""
+    """Train with Ray Train (as a Ray Job on a dashboard URL); returns the final checkpoint path,
+    MLflow run id and last metrics."""
     return train_interruptibly(config, tags=prefect_tags())
 
 

@@ -8,6 +8,12 @@
 
 `auto` as the address connects to the latest cluster that `ray start` launched on this machine.
 
+A cluster's dashboard URL (`http://head:8265`) is no address to connect to: work for such a
+cluster is submitted as Ray Jobs (`job_submission_url` is the one rule, `ray_jobs` the submitter),
+so the process that submits needs no Ray connection at all. `ray://` (Ray Client) still connects,
+but Ray advises against it for long work such as Ray Train: the driver then lives outside the
+cluster and a dropped connection ends the run.
+
 Ownership is decided from the address before `ray.init` runs: Ray has no public way to ask
 afterwards whether `ray.init` started the cluster. For the same reason a missing address starts
 a cluster explicitly (`address="local"`) instead of leaving the choice to `ray.init()`, which
@@ -22,6 +28,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import ray
+
+from diffusion_core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +53,17 @@ def cluster_address(address: str | None = None) -> str | None:
     return address or os.environ.get(RAY_ADDRESS_ENV) or None
 
 
+def job_submission_url(address: str | None = None) -> str | None:
+    """The dashboard URL to submit Ray Jobs to when the cluster address (`address`, else
+    RAY_ADDRESS) is an `http://` or `https://` URL (a cluster's dashboard, `http://head:8265`);
+    None for every other address (None, `auto`, `host:6379`, `ray://...`), which runs work in this
+    process's Ray connection."""
+    target = cluster_address(address)
+    if target is not None and target.lower().startswith(("http://", "https://")):
+        return target.rstrip("/")
+    return None
+
+
 def ray_is_reachable(address: str | None = None) -> bool:
     """Whether a Ray is there without starting one: this process is connected, or an address is set."""
     return ray.is_initialized() or cluster_address(address) is not None
@@ -57,6 +76,12 @@ def connect_ray(address: str | None = None, log_to_driver: bool = True,
     `include_dashboard`) are passed to `ray.init` only when this call starts the cluster."""
     if ray.is_initialized():
         return RayConnection("reused")
+    if job_submission_url(address) is not None:
+        raise ConfigError("ray_address: a dashboard URL (http:// or https://) takes Ray Jobs, not a "
+                          "driver connection; this step needs the cluster's GCS address "
+                          "(host:6379) or none",
+                          hint="training submits itself as a Ray Job to a dashboard URL; steps that "
+                          "drive Ray in-process need RAY_ADDRESS=host:6379 on a cluster node")
     target = cluster_address(address)
     if target is not None:
         ray.init(address=target, configure_logging=False, log_to_driver=log_to_driver)

@@ -38,10 +38,11 @@ def train_command(
     experiment_name: str | None = typer.Option(None, "--experiment", help="MLflow experiment name."),
     tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default: "
                                             "the store in the work dir)."),
-    ray_address: str | None = typer.Option(None, "--ray-address", help="Ray cluster address."),
+    ray_address: str | None = typer.Option(None, "--ray-address", help="Ray cluster address; a dashboard "
+                                           "URL (http://head:8265) submits the run as a Ray Job."),
 ) -> None:
     """Train a diffusion model; prints the final checkpoint path and MLflow run id."""
-    from diffusion_core.adapters.ray_cluster import stop_ray
+    from diffusion_core.adapters.ray_cluster import job_submission_url, stop_ray
     from diffusion_core.adapters.ray_train import default_run_name
     from diffusion_core.data.manifest import read_manifest
     from flows.train import train_interruptibly
@@ -56,7 +57,8 @@ def train_command(
     })
     name = run_name or default_run_name()
     config = pipeline.train_config(read_manifest(dataset), dataset, name, warm_start)
-    connection = context.connect_ray(config.ray_address)
+    # A dashboard URL sends the run to its cluster as a Ray Job: this process then needs no Ray.
+    connection = None if job_submission_url(config.ray_address) else context.connect_ray(config.ray_address)
     try:
         result = train_interruptibly(config)
     except KeyboardInterrupt:
@@ -65,7 +67,8 @@ def train_command(
         context.interruption_reported = True
         raise
     finally:
-        stop_ray(connection)
+        if connection is not None:
+            stop_ray(connection)
     typer.echo(f"checkpoint: {redact_uri(result.checkpoint_path)}")
     typer.echo(f"mlflow run: {result.run_id}  (training run {result.run_name}; MLflow store "
                f"{redact_uri(config.tracking_uri)})")
