@@ -116,7 +116,8 @@ class TrainRecipe(BaseModel):
     min_lr_ratio: float = Field(0.05, ge=0, le=1)
     grad_clip: float | None = Field(1.0, gt=0)
     ema_decay: float = Field(0.999, ge=0, lt=1)
-    label_dropout: float = Field(0.25, ge=0, le=1, description="share of labels replaced by the null label (see the module docstring)")
+    label_dropout: float = Field(0.25, ge=0, le=1, description="share of labels replaced by the null "
+                                 "label (see the module docstring)")
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     seed: int = 0
     sampler: SamplerName = DEFAULT_SAMPLER
