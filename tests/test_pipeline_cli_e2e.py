@@ -152,7 +152,8 @@ def test_the_rerun_resumes_training_without_logging_a_step_twice(day: Day) -> No
     client = MlflowClient(f"sqlite:///{day.folder}/diffusion-pipeline-work/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("diffusion").experiment_id])
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
-    assert sorted(steps) == list(range(10, 201, 10))
+    # every scheduled point once; on a slow machine LogCadence adds points between them by time
+    assert len(steps) == len(set(steps)) and set(range(10, 201, 10)) <= set(steps)
 
 
 def printed_commands(stdout: str) -> list[str]:

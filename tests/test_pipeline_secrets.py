@@ -75,6 +75,8 @@ class _RecordingHandler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    do_GET = do_POST  # noqa: N815 - http.server names; generate asks GET /model for the limits first
+
     def log_message(self, *args: object) -> None:
         pass
 

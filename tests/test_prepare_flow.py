@@ -112,11 +112,11 @@ def test_cli_flow_force_rebuilds_an_up_to_date_dataset(prefect_harness, tmp_path
     # Damage what the up-to-date check does not look at (source and parameters stay equal).
     manifest_path = out / MANIFEST_NAME
     damaged = json.loads(manifest_path.read_text())
-    damaged["counts"] = {split: 1 for split in damaged["counts"]}
+    damaged["mean"] = [0.0 for _ in damaged["mean"]]
     manifest_path.write_text(json.dumps(damaged))
     unforced = CliRunner().invoke(app, args)
     assert unforced.exit_code == 0, unforced.output
-    assert read_manifest(str(out)).counts != original.counts  # up to date: nothing rebuilt
+    assert read_manifest(str(out)).mean != original.mean  # up to date: nothing rebuilt
     forced = CliRunner().invoke(app, [*args, "--force"])
     assert forced.exit_code == 0, forced.output
     assert read_manifest(str(out)) == original
