@@ -1,9 +1,11 @@
 """Prefect flow `evaluate_and_register`: checkpoint -> evaluation -> registered version -> gate.
 
     load the dataset's splits  ->  feature classifier (trained once per fingerprint, cached)
-    ->  evaluate the checkpoint  ->  log + register it (alias `candidate`, eval numbers as tags,
-    classifier as an artifact)  ->  promotion gate against `champion` (the champion is
-    re-evaluated with the same data, sample count and seed unless its recorded number matches)
+    ->  evaluate the checkpoint (the default request, the headline; the null label and guidance
+    beside it; memorisation; the feature classifier's held-out check)  ->  log + register it
+    (alias `candidate`, eval numbers as run metrics and version tags, classifier as an artifact)
+    ->  promotion gate against `champion` (the champion's headline is re-evaluated with the same
+    data, sample count and seed unless its recorded number matches)
 
 `evaluate_and_register(checkpoint_dir, dataset_uri, eval_config, registry_config)` returns the
 evaluation, the registered version and the gate's decision (`EvaluateOutcome`).
@@ -55,13 +57,18 @@ class EvaluateOutcome(BaseModel):
 
 
 def eval_tags(result: EvalResult, config: EvalConfig) -> dict[str, str]:
-    """Version tags that make an FD reproducible and comparable (the gate reads `eval_key`)."""
-    return {
-        EVAL_KEY_TAG: result.eval_key, "eval_num_samples": str(config.num_samples),
-        "eval_sampler": config.sampler, "eval_steps": str(config.steps), "eval_seed": str(config.seed),
+    """Version tags that make an FD reproducible and comparable (the gate reads `eval_key`) and say
+    what was measured (the headline is the default request: no labels)."""
+    tags = {
+        EVAL_KEY_TAG: result.eval_key, "eval_request": "default (no labels)",
+        "eval_num_samples": str(config.num_samples), "eval_sampler": config.sampler,
+        "eval_steps": str(config.steps), "eval_seed": str(config.seed),
         "eval_guidance_scale": repr(config.guidance_scale), "eval_feature_kind": result.feature_kind,
         "eval_class_histogram": json.dumps([round(p, 4) for p in result.class_histogram]),
     }
+    if result.guided_scale is not None:
+        tags["eval_guided_scale"] = repr(result.guided_scale)
+    return tags
 
 
 # Tensors and modules flow between these tasks in memory: NO_CACHE keeps Prefect from hashing them.
@@ -100,10 +107,11 @@ def register_version(checkpoint_dir: Path, evaluation: EvalResult, eval_config: 
 
 def champion_reevaluator(reference: ReferenceData, extractor: FeatureExtractor, config: EvalConfig,
                          registry: RegistryConfig) -> Callable[[str], float]:
-    """reevaluate(model_uri) -> fd: download a registered version and evaluate it like the candidate."""
+    """reevaluate(model_uri) -> fd: download a registered version and evaluate its headline like the
+    candidate's (the side passes are not needed for the comparison)."""
     def reevaluate(model_uri: str) -> float:
         with registry_checkpoint(model_uri, registry.tracking_uri) as directory:
-            return evaluate_checkpoint.fn(directory, reference, extractor, config).fd
+            return evaluate_checkpoint.fn(directory, reference, extractor, config.headline_only()).fd
     return reevaluate
 
 

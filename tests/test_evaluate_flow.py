@@ -117,7 +117,9 @@ def test_cli_evaluate_register_promote_rollback(mlflow_store, dataset, models, f
     client = MlflowClient(mlflow_store.tracking_uri)
     assert str(client.get_model_version_by_alias("cli-digits", CHAMPION).version) == "1"
     for version, fd in (("1", "10.0"), ("2", "50.0")):  # comparable numbers: version 2 is worse
-        tags = {"eval_fd": fd, "eval_key": "same-settings", "eval_precision": "0.9", "eval_recall": "0.9"}
+        tags = {"eval_fd": fd, "eval_key": "same-settings", "eval_precision": "0.9", "eval_recall": "0.9",
+                "eval_copy_share": "0.1", "eval_feature_kind": "trained_classifier",
+                "eval_feature_p_value": "0"}
         for key, value in tags.items():
             client.set_model_version_tag("cli-digits", version, key, value)
     assert run("promote", "2") == 1  # the gate rejects: the documented exit code

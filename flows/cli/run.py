@@ -15,6 +15,7 @@ import typer
 
 from diffusion_core.redact import redact_uri
 from flows.cli.context import cli_context
+from flows.cli.evaluate import evaluation_summary
 
 if TYPE_CHECKING:
     from flows.pipeline import PipelineResult
@@ -98,7 +99,8 @@ def _print_summary(config: PipelineConfig, result: PipelineResult, grid: Path, s
     status = "became champion" if result.became_champion else f"not promoted ({result.decision})"
     typer.echo("")
     typer.echo(f"model      {result.model_name} version {result.version}: {status}")
-    typer.echo("evaluation " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.metrics.items())))
+    for i, line in enumerate(evaluation_summary(result.metrics, config.evaluate.guided_scale)):
+        typer.echo(f"{'evaluation' if i == 0 else '':<10} {line}")
     typer.echo(f"samples    {grid}")
     typer.echo(f"time       {seconds:.0f} s (dataset {'reused' if result.dataset_reused else 'prepared'}, "
                f"{'trained' if result.trained else 'training skipped: unchanged'})")
