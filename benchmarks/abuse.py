@@ -221,7 +221,9 @@ def main() -> None:
     loadavg_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = make_checkpoint(Path(tmp))
-        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+        # the dashboard carries Serve's REST API, through which the app is deployed
+        ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port(),
+                 configure_logging=False, log_to_driver=False)
         try:
             with MemorySampler() as memory:
                 settings = start_app(checkpoint, free_port())

@@ -200,8 +200,9 @@ def main() -> None:
         loaded = load_checkpoint(checkpoint, device=args.device)
         direct = {str(b): direct_rate(loaded, b, args.steps, args.seconds / 2) for b in args.concurrency}
         logger.info("direct images/s by batch size: %s", direct)
-        ray.init(num_cpus=max(2, REPLICA_CPUS + 1), include_dashboard=False, configure_logging=False,
-                 log_to_driver=False)
+        # the dashboard carries Serve's REST API, through which the app is deployed
+        ray.init(num_cpus=max(2, REPLICA_CPUS + 1), include_dashboard=True, dashboard_host="127.0.0.1",
+                 dashboard_port=free_port(), configure_logging=False, log_to_driver=False)
         try:
             served = {mode: serve_mode(checkpoint, MODES[mode], args) for mode in args.modes}
         finally:

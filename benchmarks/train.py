@@ -12,7 +12,8 @@
    20 steps, and judged the same way. diffusers is the `bench` extra; the library never imports it.
 
 Ray is started with one logical CPU more than the machine has: Ray Data's read tasks need a free
-CPU while the training workers hold theirs, and they only run at start-up.
+CPU while the training workers hold theirs (they read one shuffle window at a time, a small share
+of the time on this dataset).
 Writes benchmarks/results/train.json with machine info.
 """
 
@@ -32,15 +33,17 @@ import numpy as np
 import torch
 
 from benchmarks.train_quality import DigitJudge
-from diffusion_core.adapters.ray_data import decode_batch
+from diffusion_core.adapters.ray_data import decode_batch, row_group_rows
 from diffusion_core.adapters.ray_train import run_training
 from diffusion_core.atomic_io import atomic_write_text
 from diffusion_core.checkpoint import load_checkpoint
 from diffusion_core.data.config import PrepareConfig
+from diffusion_core.data.manifest import read_manifest
 from diffusion_core.data.prepare import prepare
 from diffusion_core.data.readers import read_split_table
+from diffusion_core.data_order import stream_row_indices
 from diffusion_core.ema import EMA
-from diffusion_core.training import TrainConfig, batch_rows, lr_factor
+from diffusion_core.training import TrainConfig, lr_factor, training_windows
 from diffusion_core.unet import count_parameters
 
 logger = logging.getLogger("benchmarks.train")
@@ -86,6 +89,15 @@ def train_data(dataset: str) -> torch.Tensor:
     return images
 
 
+def worker_order(config: TrainConfig, dataset: str, steps: int) -> torch.Tensor:
+    """Row indices of `steps` batches in the order one Ray Train worker reads them (data_order)."""
+    manifest = read_manifest(dataset)
+    longer = config.model_copy(update={"steps": steps})
+    windows = training_windows(longer, math.prod(manifest.image_shape), row_group_rows(dataset, "train"),
+                               rank=0, world=1, start_step=0)
+    return torch.from_numpy(stream_row_indices(windows))
+
+
 def diffusers_baseline(config: TrainConfig, dataset: str, seconds: float, judge: DigitJudge) -> dict:
     """Plain loop with diffusers' UNet2DModel + DDPMScheduler for `seconds` of training."""
     from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
@@ -98,13 +110,14 @@ def diffusers_baseline(config: TrainConfig, dataset: str, seconds: float, judge:
                        attention_head_dim=16)
     ddpm = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
     images = train_data(dataset)
+    order = worker_order(config, dataset, steps=10 * config.steps)  # more than `seconds` allow
     opt = torch.optim.AdamW(unet.parameters(), lr=config.lr, betas=config.adam_betas)
     ema = EMA(unet, decay=config.ema_decay)
     step, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         for group in opt.param_groups:
             group["lr"] = config.lr * lr_factor(step, config.warmup_steps, config.steps, config.min_lr_ratio)
-        x0 = images[batch_rows(step, images.shape[0], config.batch_size, config.seed, 0)]
+        x0 = images[order[step * config.batch_size : (step + 1) * config.batch_size]]
         noise = torch.randn_like(x0)
         t = torch.randint(0, 1000, (x0.shape[0],))
         loss = torch.nn.functional.mse_loss(unet(ddpm.add_noise(x0, noise, t), t).sample, noise)

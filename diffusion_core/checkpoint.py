@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError, model_validator
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -37,7 +38,7 @@ from diffusion_core.objective import ObjectiveConfig
 from diffusion_core.samplers import ClipX0, random_seeds, sample
 from diffusion_core.sampling_defaults import DEFAULT_SAMPLER, DEFAULT_STEPS
 from diffusion_core.schedule import NoiseSchedule, ScheduleConfig
-from diffusion_core.unet import UNet, UNetConfig
+from diffusion_core.unet import MAX_CLASSES, MAX_IMAGE_SIZE, UNet, UNetConfig
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,12 @@ FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
 SPEC_FILE = "spec.json"
+# Bounds on what a checkpoint may ask a loader to read and allocate (UNetConfig bounds each field).
+MAX_SPEC_BYTES = 1 << 20
+MAX_LABEL_CHARS = 256
+MAX_PARAMETERS = 1_000_000_000  # 4 GB of fp32 weights; the largest ADM-256 model has 0.55 billion
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                       torch.float64: "F64", torch.int64: "I64"}
 
 
 class DataSpec(BaseModel):
@@ -52,19 +59,20 @@ class DataSpec(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    image_size: int = Field(ge=1)
-    channels: int = Field(ge=1)
-    label_names: list[str] | None = None
-    class_prior: list[float] | None = Field(
-        None, description="the training split's class frequencies (class_prior.class_prior); labels of "
-        "requests that give none are drawn from it. None: uniform over the classes")
-    dataset_fingerprint: str | None = None
-    value_range: tuple[float, float] = MODEL_VALUE_RANGE
+    image_size: int = Field(ge=1, le=MAX_IMAGE_SIZE)
+    channels: int = Field(ge=1, le=4)
+    label_names: list[Annotated[str, Field(max_length=MAX_LABEL_CHARS)]] | None = Field(
+        None, max_length=MAX_CLASSES)
+    class_prior: list[FiniteFloat] | None = Field(
+        None, max_length=MAX_CLASSES, description="the training split's class frequencies "
+        "(class_prior.class_prior); labels of requests that give none are drawn from it. None: uniform")
+    dataset_fingerprint: str | None = Field(None, max_length=128)
+    value_range: tuple[FiniteFloat, FiniteFloat] = MODEL_VALUE_RANGE
 
     @model_validator(mode="after")
     def _check_range(self) -> Self:
         if not self.value_range[0] < self.value_range[1]:
-            raise ValueError(f"value_range: low must be below high, got {self.value_range}")
+            raise ValueError("value_range: low must be below high")
         return self
 
 
@@ -295,17 +303,18 @@ def load_checkpoint(
 
     use_ema: load ema.safetensors when present (a checkpoint without it falls back to the raw
     weights, with a warning and `LoadedModel.weights == "raw"`).
-    Raises CheckpointError for a missing directory or file, an unreadable or unsupported spec, or
-    weights whose keys or shapes do not match the spec's UNet.
+    Raises CheckpointError for a missing directory or file, an unreadable, unsupported or
+    out-of-bounds spec, or weights whose names, shapes or dtypes do not match the spec's UNet (read
+    from the safetensors header, before the model or any tensor is allocated).
     """
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"directory: {directory} is not a checkpoint directory (does not exist)")
     spec = read_spec(directory)
     weights_file, weights = _choose_weights(directory, use_ema)
-    model = UNet(spec.unet)
+    check_weights_file(weights_file, spec.unet)  # before anything of the spec's size is allocated
     state = _read_weights(weights_file)
-    _check_state_matches(model, state, weights_file.name)
+    model = UNet(spec.unet)
     model.load_state_dict(state, strict=True)
     model = model.to(device).eval().requires_grad_(False)
     logger.info("loaded checkpoint %s (%s weights) on %s", directory, weights, device)
@@ -317,7 +326,53 @@ def read_spec(directory: str | Path) -> ModelSpec:
     path = Path(directory) / SPEC_FILE
     if not path.is_file():
         raise CheckpointError(f"{SPEC_FILE}: missing from {directory}; not a checkpoint")
-    return spec_from_json(path.read_bytes())
+    with path.open("rb") as f:
+        text = f.read(MAX_SPEC_BYTES + 1)
+    if len(text) > MAX_SPEC_BYTES:
+        raise CheckpointError(f"{SPEC_FILE}: larger than {MAX_SPEC_BYTES} bytes; not a checkpoint spec")
+    return spec_from_json(text)
+
+
+def expected_weight_shapes(unet: UNetConfig) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """Name -> (dtype, shape) of the state_dict of UNet(unet), from a model built on the meta device
+    (no memory allocated, whatever the size)."""
+    with torch.device("meta"):
+        model = UNet(unet)
+    return {name: (t.dtype, tuple(t.shape)) for name, t in model.state_dict().items()}
+
+
+def check_weights_file(path: Path, unet: UNetConfig) -> None:
+    """Refuse weights that do not fit `unet` before loading any: a model over MAX_PARAMETERS, or a
+    file whose tensor names, shapes or dtypes (read from its safetensors header) differ from what
+    `unet` implies. A loader that passes this allocates exactly the spec's model and the file's
+    tensors, both bounded."""
+    expected = expected_weight_shapes(unet)
+    count = sum(math.prod(shape) for _, shape in expected.values())
+    if count > MAX_PARAMETERS:
+        raise CheckpointError(
+            f"spec.unet: implies {count:,} parameters; at most {MAX_PARAMETERS:,} are accepted")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            found = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path.name}: unreadable safetensors file ({err})") from err
+    _check_names(set(expected), set(found), path.name)
+    for key, (dtype, shape) in expected.items():
+        if found[key][1] != shape:
+            raise CheckpointError(f"{path.name}: tensor {key!r} has shape {found[key][1]} but spec.unet "
+                                  f"implies {shape}")
+        if found[key][0] != _SAFETENSORS_DTYPES.get(dtype, str(dtype)):
+            raise CheckpointError(f"{path.name}: tensor {key!r} is {found[key][0]}; accepted: "
+                                  f"{_SAFETENSORS_DTYPES.get(dtype, str(dtype))}")
+
+
+def _check_names(expected: set[str], found: set[str], source: str) -> None:
+    missing, unexpected = sorted(expected - found), sorted(found - expected)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source}: keys do not match spec.unet: missing {missing[:5]} ({len(missing)}), "
+            f"unexpected {unexpected[:5]} ({len(unexpected)})"
+        )
 
 
 def _choose_weights(directory: Path, use_ema: bool) -> tuple[Path, Literal["ema", "raw"]]:
@@ -340,12 +395,7 @@ def _read_weights(path: Path) -> dict[str, Tensor]:
 
 def _check_state_matches(model: nn.Module, state: Mapping[str, Tensor], source: str) -> None:
     expected = model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{source}: keys do not match spec.unet: missing {missing[:5]} ({len(missing)}), "
-            f"unexpected {unexpected[:5]} ({len(unexpected)})"
-        )
+    _check_names(set(expected), set(state), source)
     for key, value in state.items():
         if value.shape != expected[key].shape:
             raise CheckpointError(
@@ -359,6 +409,7 @@ def read_ema_state(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / EMA_FILE
     if not path.is_file():
         raise CheckpointError(f"{EMA_FILE}: missing from {directory}")
+    check_weights_file(path, read_spec(directory).unet)
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             meta = f.metadata() or {}

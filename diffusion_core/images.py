@@ -85,6 +85,16 @@ def make_grid(images: np.ndarray, nrow: int = 8, padding: int = 1, pad_value: in
     return grid
 
 
+def enlarge(images: np.ndarray, min_size: int = 32) -> np.ndarray:
+    """uint8 (N, H, W, C) zoomed by nearest neighbour (each pixel a k x k block) with the smallest
+    integer k that makes min(H, W) * k >= `min_size`: 8x8 digits are unreadable at 1:1."""
+    arr = np.asarray(images)
+    if arr.ndim != 4:
+        raise ConfigError(f"images: expected (N, H, W, C), got shape {arr.shape}")
+    zoom = max(1, -(-min_size // min(arr.shape[1:3])))
+    return arr.repeat(zoom, axis=1).repeat(zoom, axis=2)
+
+
 def encode_png(image: np.ndarray) -> bytes:
     """uint8 (H, W, C) with C in (1, 3, 4), or (H, W) grey -> PNG bytes (lossless)."""
     arr = np.asarray(image)

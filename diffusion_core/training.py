@@ -18,11 +18,10 @@ Classifier-free guidance training (Ho & Salimans 2022): each label is replaced b
 probability `label_dropout`, so one network learns both eps(x_t, t, y) and eps(x_t, t, null).
 
 Reproducibility: every random draw of step s on rank k comes from generators seeded by
-(seed, k, s, stream): one stream for noise, timesteps and label dropout, another for the dropout
-layers; the order of the data in epoch e is a permutation seeded by (seed, k, e, DATA_ORDER). The
-stream tag keeps unrelated draws apart (without it, step n and epoch n would share a seed, and the
-dropout masks would replay the noise generator's stream). A resumed run therefore needs only the
-step counter to continue exactly where an uninterrupted run would be; no generator state is saved.
+(seed, k, s, stream) (`seeds.derived_seed`): one stream for noise, timesteps and label dropout,
+another for the dropout layers. The rows a worker trains on are a function of its position in its
+data stream (`data_order`). A resumed run therefore needs only the step counter to continue exactly
+where an uninterrupted run would be; no generator state is saved.
 
 Checkpoints: a diffusion_core checkpoint plus `training_state/`, written inside the checkpoint's temp
 directory (save_checkpoint's `extra` hook) so that weights and training state are published together
@@ -31,8 +30,6 @@ or not at all.
 
 from __future__ import annotations
 
-import enum
-import hashlib
 import json
 import logging
 import math
@@ -53,12 +50,21 @@ from diffusion_core.checkpoint import (
     read_ema_state,
     save_checkpoint,
 )
+from diffusion_core.data_order import (
+    ROW_OVERHEAD_BYTES,
+    Window,
+    chunk_rows_for,
+    chunk_split,
+    window_rows_for,
+    worker_windows,
+)
 from diffusion_core.ema import EMA, unwrap_model
 from diffusion_core.errors import CheckpointError, ConfigError, DiffusionPipelineError
 from diffusion_core.objective import ObjectiveConfig, training_loss
 from diffusion_core.samplers import get_sampler, sampling_timesteps
 from diffusion_core.sampling_defaults import DEFAULT_SAMPLER, DEFAULT_STEPS, NULL_LABEL, SamplerName
 from diffusion_core.schedule import NoiseSchedule, ScheduleConfig
+from diffusion_core.seeds import Stream, derived_seed
 from diffusion_core.unet import UNet, UNetConfig
 
 logger = logging.getLogger(__name__)
@@ -69,14 +75,7 @@ STATE_FILE = "state.json"
 CONFIG_FILE = "train_config.json"
 # Ray Train run names become directory names and MLflow filter-string literals: no quotes, no slashes.
 RUN_NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
-
-
-class Stream(enum.IntEnum):
-    """Domain tags of derived_seed: each random stream of a step or epoch gets its own seed."""
-
-    DATA_ORDER = 1  # the permutation of an epoch's rows
-    NOISE = 2  # timesteps, noise and label dropout of a step
-    DROPOUT = 3  # the global generator the dropout layers draw from
+CHANNELS_LAST_DEVICES = ("cpu", "cuda")
 
 
 class FaultInjection(BaseModel):
@@ -93,11 +92,12 @@ class FaultInjection(BaseModel):
 class TrainRecipe(BaseModel):
     """What the trained model is: the optimisation, the network, its noise schedule and objective,
     the seed, and the sample grids recorded with it. With the dataset's fingerprint these fields are
-    the identity of a training run (`TrainConfig.recipe`); two runs that agree on them produce the
-    same model wherever and however they run.
+    the identity of a training run (`TrainConfig.recipe`): two runs that agree on them train the
+    same model, up to what placement changes (which rows meet in a batch, the hardware's arithmetic).
 
-    `batch_size` is global (all workers together). `precision="auto"` means bf16 autocast on GPU and
-    fp32 on CPU.
+    `batch_size` is global (all workers together). `precision`: "bf16" runs the forward pass under
+    bf16 autocast (weights, gradients and optimiser stay fp32), "fp32" does not, "auto" is bf16 on a
+    CUDA device that supports it and fp32 elsewhere (so off on CPU).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -147,19 +147,16 @@ class TrainRecipe(BaseModel):
             raise ConfigError(f"sample_steps: {str(err).removeprefix('steps: ')}") from err
         return self
 
-    def autocast_dtype(self, device_type: str) -> torch.dtype | None:
-        """bf16 for precision="bf16" (or "auto" on CUDA); None means full fp32."""
-        if self.precision == "bf16" or (self.precision == "auto" and device_type == "cuda"):
-            return torch.bfloat16
-        return None
-
 
 class TrainPlacement(BaseModel):
-    """Where and how the run executes: the Ray cluster, the workers and their resources, failure
-    handling and execution-only switches. None of these changes what the model learns.
+    """Where and how the run executes: the Ray cluster, the workers and their resources, how they
+    stream the data, failure handling and execution-only switches. None of these is part of what
+    the model learns (TrainRecipe); `num_workers` and `shuffle_window_mib` do change which rows meet
+    in a batch (data_order).
 
     Each worker runs torch with floor(cpus_per_worker) threads; leave at least one CPU of the
-    cluster free for Ray Data's reads.
+    cluster free for Ray Data's reads. A worker's stream holds windows of `shuffle_window_mib` of
+    stored images, a bounded number at a time (ray_data.stream_batches), whatever the dataset's size.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -171,7 +168,10 @@ class TrainPlacement(BaseModel):
     gpus_per_worker: float = Field(1.0, gt=0)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     max_failures: int = Field(1, ge=-1)
+    shuffle_window_mib: float = Field(
+        64.0, gt=0, le=4096, description="stored images shuffled together (MiB; at least one batch)")
     compile: bool = False
+    channels_last: bool = Field(False, description="NHWC memory format for the UNet and its inputs")
     fault_injection: FaultInjection | None = None
 
 
@@ -238,39 +238,19 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: floa
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def derived_seed(*parts: int) -> int:
-    """A 63-bit seed from integers, stable across processes and Python versions (sha256, not hash()).
-    Pass a Stream tag as the last part so that unrelated streams never share a seed."""
-    digest = hashlib.sha256(",".join(str(int(p)) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
-@dataclass(frozen=True)
-class DataPosition:
-    """Where step `step` reads: batch `batch_index` of epoch `epoch` of this worker's shard."""
-
-    epoch: int
-    batch_index: int
-
-
-def data_position(step: int, batches_per_epoch: int) -> DataPosition:
-    return DataPosition(epoch=step // batches_per_epoch, batch_index=step % batches_per_epoch)
-
-
-def batch_rows(step: int, num_rows: int, batch_size: int, seed: int, rank: int) -> Tensor:
-    """Row indices of the shard that step `step` trains on: epochs are seeded permutations of the
-    shard ((seed, rank, epoch, DATA_ORDER)), cut into `num_rows // batch_size` full batches (the rest
-    is dropped)."""
-    batches_per_epoch = num_rows // batch_size
-    if batches_per_epoch == 0:
-        raise ConfigError(
-            f"batch_size: the per-worker batch of {batch_size} is larger than this worker's "
-            f"{num_rows} training rows; lower batch_size or num_workers"
-        )
-    pos = data_position(step, batches_per_epoch)
-    gen = torch.Generator().manual_seed(derived_seed(seed, rank, pos.epoch, Stream.DATA_ORDER))
-    order = torch.randperm(num_rows, generator=gen)
-    return order[pos.batch_index * batch_size : (pos.batch_index + 1) * batch_size]
+def training_windows(config: TrainConfig, image_bytes: int, row_groups: list[list[int]], rank: int,
+                     world: int, start_step: int) -> list[Window]:
+    """The windows (data_order) that worker `rank` of `world` reads from step `start_step` to the end:
+    its stream rows [start_step * b, steps * b), b = per_worker_batch_size. `image_bytes` is the
+    stored size of one image; `row_groups` the split's row-group sizes (Parquet footers)."""
+    batch = config.per_worker_batch_size
+    window_bytes = config.shuffle_window_mib * 2**20
+    window_rows = window_rows_for(image_bytes + ROW_OVERHEAD_BYTES, window_bytes, batch)
+    total = sum(map(sum, row_groups))
+    largest_group = max((rows for groups in row_groups for rows in groups), default=1)
+    chunks = chunk_split(row_groups, chunk_rows_for(total, world, window_rows, largest_group))
+    return worker_windows(chunks, seed=config.seed, rank=rank, world=world, window_rows=window_rows,
+                          start_row=start_step * batch, num_rows=(config.steps - start_step) * batch)
 
 
 def drop_labels(labels: Tensor, p: float, generator: torch.Generator) -> Tensor:
@@ -292,18 +272,63 @@ class TrainState:
     step: int = 0
     nonfinite_total: int = 0
     nonfinite_streak: int = 0
+    autocast: torch.dtype | None = None  # the forward pass's autocast dtype; None = fp32
+    memory_format: torch.memory_format = torch.contiguous_format
 
 
 def build_train_state(config: TrainConfig, device: torch.device | str = "cpu") -> TrainState:
-    """A freshly initialised model (seeded by config.seed), its EMA and AdamW optimiser."""
+    """A freshly initialised model (seeded by config.seed) on `device` in the configured memory
+    format, its EMA and AdamW optimiser. ConfigError when the device cannot run `precision` or
+    `channels_last`."""
+    device = torch.device(device)
+    autocast, memory_format = autocast_dtype(config.precision, device), memory_format_for(config, device)
     torch.manual_seed(config.seed)
-    model = UNet(config.unet).to(device)
+    model = UNet(config.unet).to(device, memory_format=memory_format)
     return TrainState(
         model=model,
         ema=EMA(model, decay=config.ema_decay),
         optimizer=make_optimizer(model, config),
         schedule=NoiseSchedule.from_config(config.schedule),
+        autocast=autocast,
+        memory_format=memory_format,
     )
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The forward pass's autocast dtype for `precision` on `device` (TrainRecipe.precision); None
+    means fp32. An explicit "bf16" that the device cannot run is a ConfigError, never a silent fp32."""
+    if precision == "fp32":
+        return None
+    supported = bf16_autocast_supported(device)
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" and supported else None
+    if not supported:
+        raise ConfigError(
+            f"precision: bf16 autocast is not supported on this {device.type} device",
+            hint="set precision to fp32 (or auto, which uses bf16 only where it is supported)",
+        )
+    return torch.bfloat16
+
+
+def bf16_autocast_supported(device: torch.device) -> bool:
+    """CUDA: the GPU has bf16 arithmetic (Ampere and later). Other devices: torch offers autocast
+    for them (on CPU it does, with bf16 kernels where the CPU has them)."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return torch.amp.is_autocast_available(device.type)
+
+
+def memory_format_for(config: TrainConfig, device: torch.device) -> torch.memory_format:
+    """channels_last (NHWC) when configured, on the devices whose convolutions have NHWC kernels."""
+    if not config.channels_last:
+        return torch.contiguous_format
+    if device.type not in CHANNELS_LAST_DEVICES:
+        raise ConfigError(
+            f"channels_last: not supported on {device.type} devices; accepted on "
+            f"{', '.join(CHANNELS_LAST_DEVICES)}",
+            hint="set channels_last to false",
+        )
+    return torch.channels_last
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
@@ -360,7 +385,8 @@ def train_step(
     lr = set_learning_rate(state.optimizer, config, state.step)
     if labels is not None:
         labels = drop_labels(labels, config.label_dropout, gen)
-    loss = _loss(model, config, state.schedule, images, labels, gen)
+    images = images.contiguous(memory_format=state.memory_format)
+    loss = _loss(model, state, config, images, labels, gen)
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = _grad_norm(state.model, config.grad_clip)
@@ -377,17 +403,11 @@ def train_step(
     return StepResult(loss=mean_loss, grad_norm=grad_norm, lr=lr, skipped=skipped)
 
 
-def _loss(
-    model: nn.Module,
-    config: TrainConfig,
-    schedule: NoiseSchedule,
-    images: Tensor,
-    labels: Tensor | None,
-    gen: torch.Generator,
-) -> Tensor:
-    dtype = config.autocast_dtype(images.device.type)
+def _loss(model: nn.Module, state: TrainState, config: TrainConfig, images: Tensor, labels: Tensor | None,
+          gen: torch.Generator) -> Tensor:
+    dtype = state.autocast
     with torch.autocast(images.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        return training_loss(model, images, schedule, config.objective, labels=labels, generator=gen)
+        return training_loss(model, images, state.schedule, config.objective, labels=labels, generator=gen)
 
 
 def _grad_norm(model: nn.Module, clip: float | None) -> float:

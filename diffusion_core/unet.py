@@ -17,47 +17,82 @@ output for sample i never depends on the other samples of the batch. No BatchNor
 from __future__ import annotations
 
 import math
-from typing import Self
+from typing import Annotated, Any, NamedTuple, Self
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import Tensor, nn
 
-from diffusion_core.errors import ConfigError
+from diffusion_core.errors import ConfigError, config_error_from
 from diffusion_core.sampling_defaults import NULL_LABEL
 
 # GroupNorm uses at most this many groups and at least this many channels per group.
 _MAX_GROUPS = 32
 _MIN_CHANNELS_PER_GROUP = 4
 
+# Bounds of every size a config (or a checkpoint's spec.json) can ask for: above the largest
+# networks this project trains (256-pixel images at the papers' widths), so that no config makes a
+# process allocate without limit. checkpoint.MAX_PARAMETERS bounds their product.
+MAX_IMAGE_SIZE = 256
+MAX_LEVELS = 6
+MAX_CHANNEL_MULT = 8
+MAX_CLASSES = 100_000
+
+
+class SizeLayout(NamedTuple):
+    """The U-Net layout chosen for an image side: channel multiplier per level, the feature-map
+    sides that get self-attention, and a base width."""
+
+    channel_mult: tuple[int, ...]
+    attention_resolutions: tuple[int, ...]
+    base_channels: int
+
+
+# Per power-of-two image side. 32 and 256 are Ho et al. 2020 (CIFAR-10; LSUN and CelebA-HQ:
+# ch_mult (1,2,2,2) and (1,1,2,2,4,4), attention at 16x16); 64 and 128 are Nichol & Dhariwal 2021
+# (improved-diffusion: (1,2,3,4) and (1,1,2,3,4), attention at 16 and 8). 8 and 16 follow the same
+# rule (halve down to 4x4, attention at half the input side) at widths that train on a CPU; 8 is
+# the digits model. The papers' width is 128; the base widths here suit the CPU-first defaults and
+# are meant to be raised for real data on GPUs.
+_LAYOUTS: dict[int, SizeLayout] = {
+    8: SizeLayout((1, 2), (4,), 32),
+    16: SizeLayout((1, 2, 2), (8,), 64),
+    32: SizeLayout((1, 2, 2, 2), (16,), 64),
+    64: SizeLayout((1, 2, 3, 4), (16, 8), 64),
+    128: SizeLayout((1, 1, 2, 3, 4), (16, 8), 64),
+    256: SizeLayout((1, 1, 2, 2, 4, 4), (16,), 64),
+}
+
 
 class UNetConfig(BaseModel):
     """Shape of the U-Net. Sides are in pixels; `channel_mult[i]` scales `base_channels` at level i,
-    whose feature maps have side `image_size / 2**i`."""
+    whose feature maps have side `image_size / 2**i`. `for_image_size` derives a layout from the
+    image side. Every size is bounded (see MAX_IMAGE_SIZE)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    image_size: int = Field(32, ge=8, le=64, description="side of the square input in pixels")
+    image_size: int = Field(32, ge=8, le=MAX_IMAGE_SIZE, description="side of the square input in pixels")
     in_channels: int = Field(3, description="1 (grey) or 3 (RGB)")
     base_channels: int = Field(64, ge=8, le=512, multiple_of=8, description="channels at level 0")
-    channel_mult: tuple[int, ...] = Field(
-        (1, 2, 2), min_length=1, max_length=4, description="channel multiplier per level; one level per entry"
+    channel_mult: tuple[Annotated[int, Field(ge=1, le=MAX_CHANNEL_MULT)], ...] = Field(
+        (1, 2, 2), min_length=1, max_length=MAX_LEVELS,
+        description="channel multiplier per level; one level per entry",
     )
     num_res_blocks: int = Field(2, ge=1, le=4, description="residual blocks per level (down path)")
     attention_resolutions: tuple[int, ...] = Field(
-        (8,), description="feature-map sides at which self-attention follows each residual block"
+        (8,), max_length=MAX_LEVELS,
+        description="feature-map sides at which self-attention follows each residual block",
     )
     num_heads: int = Field(4, ge=1, description="attention heads; must divide the attention channels")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout inside residual blocks")
-    num_classes: int | None = Field(None, ge=1, description="number of classes; None = unconditional")
+    num_classes: int | None = Field(None, ge=1, le=MAX_CLASSES,
+                                    description="number of classes; None = unconditional")
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Self:
         if self.in_channels not in (1, 3):
             raise ValueError(f"in_channels: must be 1 or 3, got {self.in_channels}")
-        if any(m < 1 for m in self.channel_mult):
-            raise ValueError(f"channel_mult: every entry must be >= 1, got {self.channel_mult}")
         factor = 2 ** (len(self.channel_mult) - 1)
         if self.image_size % factor:
             raise ValueError(
@@ -86,20 +121,30 @@ class UNetConfig(BaseModel):
         return [lvl for lvl, side in enumerate(self.feature_sides()) if side in self.attention_resolutions]
 
     @classmethod
+    def for_image_size(cls, image_size: int, in_channels: int, num_classes: int | None = None,
+                       **fields: Any) -> UNetConfig:
+        """The layout of `_LAYOUTS` for the largest tabulated side <= image_size, at the same
+        levels (a 48-pixel input gets the 32-pixel layout, attention at 24); `fields` override any
+        field (e.g. base_channels=128, the papers' width). image_size must be divisible by
+        2**(levels - 1)."""
+        if not 8 <= image_size <= MAX_IMAGE_SIZE:
+            raise ConfigError(f"image_size: must be between 8 and {MAX_IMAGE_SIZE}")
+        tabulated = max(side for side in _LAYOUTS if side <= image_size)
+        layout = _LAYOUTS[tabulated]
+        attention = tuple(side * image_size // tabulated for side in layout.attention_resolutions)
+        derived = {"image_size": image_size, "in_channels": in_channels, "num_classes": num_classes,
+                   "channel_mult": layout.channel_mult, "attention_resolutions": attention,
+                   "base_channels": layout.base_channels}
+        try:
+            return cls(**{**derived, **fields})
+        except ValidationError as err:
+            raise config_error_from(err, prefix="unet") from None
+
+    @classmethod
     def digits_default(cls, num_classes: int | None = 10) -> UNetConfig:
         """A ~1.3M-parameter U-Net for 8x8 grey digits (sklearn load_digits), small enough to train
         to recognisable digits in minutes on two CPU cores."""
-        return cls(
-            image_size=8,
-            in_channels=1,
-            base_channels=32,
-            channel_mult=(1, 2),
-            num_res_blocks=2,
-            attention_resolutions=(4,),
-            num_heads=4,
-            dropout=0.0,
-            num_classes=num_classes,
-        )
+        return cls.for_image_size(8, 1, num_classes)
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:

@@ -1,8 +1,23 @@
-"""One configuration system for every command: file section, then environment, then flags.
+"""One configuration system for every command: defaults, config file, environment, flags.
 
-Precedence (lowest to highest): the model's field defaults (the one source of defaults), the
-section of a YAML or TOML config file, the environment variables in `ENV_FIELDS`, and explicit
-command-line flags. Nested fields are addressed with dotted keys (`unet.base_channels`).
+This docstring is where the precedence is documented; `diffusion-pipeline config show` prints the
+effective values and, for each, the layer it came from. Lowest to highest:
+
+1. default: the config models' field defaults (PrepareConfig, TrainConfig, EvalConfig,
+   RegistryConfig, ServeSettings, PipelineConfig), the one source of defaults; plus the values the
+   pipeline derives (`flows.pipeline_config`): the work directory `./diffusion-pipeline-work`, the
+   MLflow store `sqlite:///<work_dir>/mlflow.db` in it, the model name `diffusion-<dataset>`, and
+   the UNet and batch of a dataset.
+2. file: the section of a YAML or TOML config file (`diffusion-pipeline --config FILE`, else the file
+   named by DIFFUSION_PIPELINE_CONFIG). The settings several stages share (tracking_uri, model_name,
+   ray_address) may be set in any section that has them; set twice, the values must agree.
+3. env: the environment variables in `ENV_FIELDS` (MLFLOW_TRACKING_URI, RAY_ADDRESS).
+4. flag: explicit command-line flags.
+
+`diffusion-pipeline serve` adds one layer below the file: the Serve config file's application args
+(`--serve-config`, default serving/serve_config.yaml), except for which model and which store, which
+come from the pipeline like for every other command. Nested fields are addressed with dotted keys
+(`unet.base_channels`).
 """
 
 from __future__ import annotations
@@ -20,6 +35,8 @@ from pydantic import BaseModel, ValidationError
 from diffusion_core.errors import ConfigError, config_error_from
 
 M = TypeVar("M", bound=BaseModel)
+
+DEFAULT_WORK_DIR = "diffusion-pipeline-work"
 
 # The environment variable naming the config file (the CLI's --config, and `retrain` runs started
 # by a Prefect deployment, read it).
@@ -101,3 +118,27 @@ def build_config(
         return model.model_validate(merged)
     except ValidationError as err:
         raise config_error_from(err, prefix=section) from None
+
+
+def dotted_keys(data: Mapping[str, Any], prefix: str = "") -> set[str]:
+    """The dotted keys of the leaves of a nested mapping: {"a": {"b": 1}} -> {"a.b"}."""
+    keys: set[str] = set()
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            keys |= dotted_keys(value, f"{name}.")
+        else:
+            keys.add(name)
+    return keys
+
+
+def value_source(key: str, layers: Mapping[str, Mapping[str, Any]]) -> str:
+    """The name of the highest layer (in `layers`' order, lowest first) that sets dotted `key` or
+    one of its parents; "default" when none does."""
+    parents = {".".join(key.split(".")[: i + 1]) for i in range(key.count(".") + 1)}
+    found = "default"
+    for name, data in layers.items():
+        keys = dotted_keys(data)
+        if keys & parents or any(k.startswith(f"{key}.") for k in keys):
+            found = name
+    return found

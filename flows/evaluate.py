@@ -3,9 +3,10 @@
     load the dataset's splits  ->  feature classifier (trained once per fingerprint, cached)
     ->  evaluate the checkpoint (the default request, the headline; the null label and guidance
     beside it; memorisation; the feature classifier's held-out check)  ->  log + register it
-    (alias `candidate`, eval numbers as run metrics and version tags, classifier as an artifact)
-    ->  promotion gate against `champion` (the champion's headline is re-evaluated with the same
-    data, sample count and seed unless its recorded number matches)
+    (alias `candidate`, eval numbers as version tags and as metrics of the logged model on the
+    validation split, classifier as an artifact, a grid of the headline's first samples as the
+    run's `evaluation` image)  ->  promotion gate against `champion` (the champion's headline is
+    re-evaluated with the same data, sample count and seed unless its recorded number matches)
 
 `evaluate_and_register(checkpoint_dir, dataset_uri, eval_config, registry_config)` returns the
 evaluation, the registered version and the gate's decision (`EvaluateOutcome`).
@@ -24,6 +25,7 @@ from pydantic import BaseModel, ConfigDict
 
 from diffusion_core.adapters.mlflow_registry import (
     EVAL_KEY_TAG,
+    EvaluationDataset,
     ModelVersionInfo,
     PromotionDecision,
     RegistryConfig,
@@ -36,14 +38,22 @@ from diffusion_core.metrics import (
     EvalConfig,
     EvalResult,
     ReferenceData,
+    eval_seeds,
     evaluate_model,
     feature_extractor_for,
+    generate_eval_samples,
     reference_from_dataset,
 )
 from diffusion_core.metrics_features import FeatureExtractor
+from diffusion_core.training import read_training_step
 from flows.checkpoints import registry_checkpoint
+from flows.prefect_logs import project_logs_to_prefect
 
 logger = logging.getLogger(__name__)
+
+EVALUATION_IMAGE_KEY = "evaluation"  # the MLflow image series of evaluation grids
+EVALUATION_GRID_ROWS = 4             # images per label (or 8-wide rows) in the evaluation grid
+EVALUATION_GRID_MAX = 64
 
 
 class EvaluateOutcome(BaseModel):
@@ -93,16 +103,47 @@ def evaluate_checkpoint(checkpoint_dir: Path, reference: ReferenceData, extracto
 def register_version(checkpoint_dir: Path, evaluation: EvalResult, eval_config: EvalConfig,
                      registry: RegistryConfig, extractor: FeatureExtractor,
                      training_run_id: str | None, extra_tags: dict[str, str] | None = None,
-                     ) -> ModelVersionInfo:
+                     evaluation_dataset: EvaluationDataset | None = None) -> ModelVersionInfo:
     version = log_and_register(
         checkpoint_dir, model_name=registry.model_name, tracking_uri=registry.tracking_uri,
         run_id=training_run_id, tags={**eval_tags(evaluation, eval_config), **(extra_tags or {})},
-        metrics=evaluation.as_metrics(),
+        metrics=evaluation.as_metrics(), evaluation_dataset=evaluation_dataset,
+        allow_new_data_spec=registry.allow_new_data_spec,
         experiment_name=registry.experiment_name, device=registry.device, lock_dir=registry.lock_dir,
         lock_timeout_s=registry.lock_timeout_s)
     if extractor.directory is not None and version.run_id:
         log_directory(version.run_id, extractor.directory, "feature_classifier", registry.tracking_uri)
     return version
+
+
+@task(name="evaluation-grid", cache_policy=NO_CACHE)
+def log_evaluation_grid(checkpoint_dir: Path, config: EvalConfig, version: ModelVersionInfo,
+                        registry: RegistryConfig) -> None:
+    """The headline's first images (the default request), one column per drawn label, as the
+    `evaluation` image of the version's run at the checkpoint's training step. Sample i of an
+    evaluation depends only on seed config.seed + i (its label is drawn from that seed), so
+    generating the first few again gives exactly those images. A picture is not worth failing a
+    registration for: errors become a warning."""
+    from diffusion_core.adapters.mlflow_tracking import log_sample_grid
+
+    if not version.run_id:
+        return
+    loaded = load_checkpoint(checkpoint_dir, use_ema=config.use_ema, device=config.device)
+    count = min(config.num_samples, EVALUATION_GRID_ROWS * (loaded.spec.unet.num_classes or 8),
+                EVALUATION_GRID_MAX)
+    first = config.model_copy(update={"num_samples": count})
+    labels = loaded.default_labels(eval_seeds(first))
+    images = generate_eval_samples(loaded, first, "evaluation grid", config.guidance_scale)
+    log_sample_grid(registry.tracking_uri, version.run_id, images, labels, loaded.spec.data.label_names,
+                    key=EVALUATION_IMAGE_KEY, step=_training_step(checkpoint_dir))
+
+
+def _training_step(checkpoint_dir: Path) -> int:
+    """The step a training checkpoint was written at; 0 for a checkpoint without training state."""
+    try:
+        return read_training_step(checkpoint_dir)
+    except (OSError, ValueError, KeyError):
+        return 0
 
 
 def champion_reevaluator(reference: ReferenceData, extractor: FeatureExtractor, config: EvalConfig,
@@ -141,13 +182,22 @@ def evaluate_and_register(
 
     extra_tags are added to the version (the pipeline adds its training key and flow run id).
     """
-    eval_config = eval_config or EvalConfig()
-    registry_config = registry_config or RegistryConfig()
+    with project_logs_to_prefect():
+        return _evaluate_and_register(Path(checkpoint_dir), dataset_uri, eval_config or EvalConfig(),
+                                      registry_config or RegistryConfig(), training_run_id, run_gate,
+                                      force, extra_tags)
+
+
+def _evaluate_and_register(checkpoint_dir: Path, dataset_uri: str, eval_config: EvalConfig,
+                           registry_config: RegistryConfig, training_run_id: str | None, run_gate: bool,
+                           force: bool, extra_tags: dict[str, str] | None) -> EvaluateOutcome:
     reference = load_reference(dataset_uri)
     extractor = feature_extractor_task(reference, eval_config)
-    evaluation = evaluate_checkpoint(Path(checkpoint_dir), reference, extractor, eval_config)
-    version = register_version(Path(checkpoint_dir), evaluation, eval_config, registry_config, extractor,
-                               training_run_id, extra_tags)
+    evaluation = evaluate_checkpoint(checkpoint_dir, reference, extractor, eval_config)
+    version = register_version(checkpoint_dir, evaluation, eval_config, registry_config, extractor,
+                               training_run_id, extra_tags,
+                               EvaluationDataset.split_of(dataset_uri, reference.fingerprint, "val"))
+    log_evaluation_grid(checkpoint_dir, eval_config, version, registry_config)
     decision = None
     if run_gate:
         decision = gate(version, evaluation, reference, extractor, eval_config, registry_config, force)

@@ -7,8 +7,11 @@
       -> deploy (switch a running Ray Serve app to the new champion, or start one)
 
 Each stage is a Prefect task or subflow; a failure names its stage, and everything an earlier stage
-wrote (the dataset, checkpoints, MLflow runs and versions) stays usable for the next attempt. The
-configuration (`PipelineConfig`) lives in `flows.pipeline_config`.
+wrote (the dataset, checkpoints, MLflow runs and versions) stays usable for the next attempt. Each
+stage announces itself (`[2/4] train: ...`) and logs its progress through the project's loggers,
+which reach the terminal and, for the duration of the flow run, the Prefect UI
+(`flows.prefect_logs`). The flow run ends with two artifacts: a summary, and links to the MLflow
+run and model version. The configuration (`PipelineConfig`) lives in `flows.pipeline_config`.
 """
 
 from __future__ import annotations
@@ -19,18 +22,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect import flow, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict
 
 from diffusion_core.adapters.mlflow_registry import (
     CHAMPION,
+    DataSpecKey,
     ModelVersionInfo,
     RegistryConfig,
     RegistryError,
     list_versions,
     numeric_tags,
+    require_same_lineage,
     resolve_version,
 )
 from diffusion_core.adapters.ray_cluster import ray_is_reachable
@@ -42,7 +47,9 @@ from diffusion_core.redact import redact_uri
 from flows.checkpoints import champion_copy, training_checkpoint_copy
 from flows.deploy import deploy
 from flows.evaluate import evaluate_and_register
+from flows.mlflow_ui import mlflow_ui
 from flows.pipeline_config import PipelineConfig, load_pipeline_config, training_key
+from flows.prefect_logs import project_logs_to_prefect
 from flows.prepare import prepare_dataset
 from flows.train import prefect_tags, train_task
 
@@ -76,9 +83,19 @@ class PipelineResult(BaseModel):
     model_name: str
     version: str
     became_champion: bool
+    is_champion: bool
     decision: str
     metrics: dict[str, float]
+    resumed_at_step: int | None = None
     served_url: str | None = None
+
+
+STAGES = ("prepare", "train", "evaluate", "deploy")
+
+
+def announce(stage: str, what: str) -> None:
+    """`[2/4] train: <what>`: which stage the pipeline is in, in the terminal and the Prefect UI."""
+    logger.info("[%d/%d] %s: %s", STAGES.index(stage) + 1, len(STAGES), stage, what)
 
 
 @flow(name="retrain", log_prints=False)
@@ -88,9 +105,16 @@ def retrain(config: PipelineConfig | None = None) -> PipelineResult:
     With no `config` (a scheduled run whose deployment sets no parameters), the configuration is
     read like the CLI reads it: the file named by DIFFUSION_PIPELINE_CONFIG, then the environment.
     """
-    config = config or load_pipeline_config()
-    registry = config.registry_config()
+    with project_logs_to_prefect():
+        config = config or load_pipeline_config()
+        result = _retrain(config)
+        _publish_summary(result, config.resolved_tracking_uri())
+        return result
 
+
+def _retrain(config: PipelineConfig) -> PipelineResult:
+    registry = config.registry_config()
+    announce("prepare", f"{redact_uri(config.source)} -> {redact_uri(config.resolved_dataset_uri())}")
     dataset: PrepareResult = run_stage("prepare", prepare_dataset, config.prepare_config())
     champion = run_stage("registry", current_champion, registry)
     key = training_key(dataset.manifest.fingerprint,
@@ -98,26 +122,35 @@ def retrain(config: PipelineConfig | None = None) -> PipelineResult:
     previous = (champion if champion is not None and champion.tags.get(TRAIN_KEY_TAG) == key
                 else run_stage("registry", registered_with_key, registry, key))
     if previous is not None and not config.force_train:
-        get_run_logger().info("data %s and training config match v%s%s: skipping training",
-                              dataset.manifest.fingerprint[:12], previous.version,
-                              " (champion)" if previous == champion else "")
+        announce("train", f"skipped: data {dataset.manifest.fingerprint[:12]} and training config match "
+                 f"{previous.name} version {previous.version}"
+                 f"{' (the champion)' if previous == champion else ''}; --force-train retrains")
+        announce("evaluate", f"skipped: version {previous.version} was evaluated when it was registered")
         result = _unchanged_result(dataset, previous, is_champion=previous == champion)
     else:
         result = _train_and_register(config, registry, dataset, champion, key)
 
     if _should_deploy(config, result):
         result = _deploy(config, result)
-    _publish_summary(result, config.resolved_tracking_uri())
+    else:
+        announce("deploy", "skipped: serving not requested and no Serve app to switch")
     return result
 
 
 def _train_and_register(config: PipelineConfig, registry: RegistryConfig, dataset: PrepareResult,
                         champion: ModelVersionInfo | None, key: str) -> PipelineResult:
+    # Registration refuses a model of other data than the champion's: refuse it before training.
+    run_stage("registry", require_same_lineage, registry.model_name,
+              DataSpecKey.of_manifest(dataset.manifest), tracking_uri=registry.tracking_uri,
+              allow_new_data_spec=registry.allow_new_data_spec, dataset_uri=dataset.uri)
     warm = (run_stage("warm-start", champion_checkpoint, champion, registry, config.work_path())
             if config.warm_start and champion is not None else None)
     run_name = _run_name(key, config.force_train)
     train_config = config.train_config(dataset.manifest, dataset.uri, run_name, warm)
+    announce("train", f"run {run_name} (MLflow experiment {train_config.experiment_name!r})")
     trained: TrainResult = run_stage("train", train_task, train_config)
+    announce("evaluate", f"{config.evaluate.num_samples} samples, then registration as "
+             f"{registry.model_name} and the promotion gate")
     checkpoint = run_stage("evaluate", training_checkpoint_copy, trained.checkpoint_path, config.work_path())
     outcome = run_stage(
         "evaluate", evaluate_and_register, checkpoint, dataset.uri,
@@ -125,13 +158,16 @@ def _train_and_register(config: PipelineConfig, registry: RegistryConfig, datase
         extra_tags={TRAIN_KEY_TAG: key, **prefect_tags()},
     )
     decision = outcome.decision
+    promoted = bool(decision and decision.promoted)
+    start_step = trained.metrics.get("start_step")
     return PipelineResult(
         dataset_uri=dataset.uri, dataset_fingerprint=dataset.manifest.fingerprint,
         dataset_reused=dataset.reused, trained=True, training_run_id=trained.run_id,
         checkpoint_path=trained.checkpoint_path, model_name=outcome.version.name,
-        version=outcome.version.version, became_champion=bool(decision and decision.promoted),
+        version=outcome.version.version, became_champion=promoted, is_champion=promoted,
         decision=decision.action if decision else "not gated",
         metrics=outcome.evaluation.as_metrics(),
+        resumed_at_step=int(start_step) if start_step else None,
     )
 
 
@@ -144,10 +180,10 @@ def _should_deploy(config: PipelineConfig, result: PipelineResult) -> bool:
 
 
 def _deploy(config: PipelineConfig, result: PipelineResult) -> PipelineResult:
-    deployed = run_stage("deploy", deploy, result.model_name, CHAMPION, settings=config.serve_settings(),
+    settings = config.serve_settings()
+    announce("deploy", f"the champion of {result.model_name} behind Ray Serve at {settings.url}")
+    deployed = run_stage("deploy", deploy, result.model_name, CHAMPION, settings=settings,
                          start_if_not_running=config.serve, ray_address=config.resolved_ray_address())
-    get_run_logger().info("deploy: %s (%s v%s at %s)", deployed.action, deployed.model_name,
-                          deployed.version, deployed.url)
     if deployed.action == "not_running":
         return result
     return result.model_copy(update={"served_url": deployed.url})
@@ -204,23 +240,56 @@ def _unchanged_result(dataset: PrepareResult, version: ModelVersionInfo, is_cham
         dataset_uri=dataset.uri, dataset_fingerprint=dataset.manifest.fingerprint,
         dataset_reused=dataset.reused, trained=False, training_run_id=None, checkpoint_path=None,
         model_name=version.name, version=version.version, became_champion=False,
+        is_champion=is_champion,
         decision="unchanged" if is_champion else "unchanged (registered before, not champion)",
         metrics=metrics,
     )
 
 
+def status_line(result: PipelineResult) -> str:
+    """What happened to the version, in words (the run summary and the Prefect artifact)."""
+    if result.became_champion:
+        return "became champion"
+    if result.is_champion:
+        return "already the champion (data and training config unchanged)"
+    if not result.trained:
+        return "registered before and not champion (data and training config unchanged)"
+    return f"not promoted ({result.decision})"
+
+
 def _publish_summary(result: PipelineResult, tracking_uri: str) -> None:
-    """The run's outcome as a Prefect artifact; URIs are redacted (they can carry credentials)."""
+    """The run's outcome as Prefect artifacts: a summary table and links to the MLflow run and model
+    version. URIs are redacted (they can carry credentials)."""
     rows = "\n".join(f"| {k} | {v:.4g} |" for k, v in sorted(result.metrics.items()))
-    status = "became **champion**" if result.became_champion else f"not promoted ({result.decision})"
     run_line = (f"- MLflow training run: `{result.training_run_id}` "
                 f"(tracking URI `{redact_uri(tracking_uri)}`)" if result.training_run_id
                 else "- training skipped: data and config match a registered version")
     create_markdown_artifact(
         f"## Retrain result\n\n- dataset `{result.dataset_fingerprint[:12]}` at "
         f"`{redact_uri(result.dataset_uri)}`\n"
-        f"{run_line}\n- model `models:/{result.model_name}/{result.version}` {status}\n"
+        f"{run_line}\n- model `models:/{result.model_name}/{result.version}` {status_line(result)}\n"
         + (f"- served at {result.served_url}\n" if result.served_url else "")
         + f"\n| metric | value |\n|---|---|\n{rows}\n",
         key="retrain-result", description="Retraining pipeline outcome with MLflow links",
+    )
+    _publish_mlflow_links(result, tracking_uri)
+
+
+def _publish_mlflow_links(result: PipelineResult, tracking_uri: str) -> None:
+    """Link artifacts to the model version and the training run in the MLflow UI: the tracking
+    server's own UI, or for a local store the UI that `mlflow ui` (the command in the description)
+    serves."""
+    ui = mlflow_ui(tracking_uri)
+    where = f"; start it with `{ui.command}`" if ui.command else ""
+    create_link_artifact(
+        ui.version_url(result.model_name, result.version),
+        link_text=f"{result.model_name} version {result.version}", key="mlflow-model-version",
+        description=f"The model version in the MLflow UI at {ui.url}{where}",
+    )
+    if result.training_run_id is None:
+        return
+    create_link_artifact(
+        ui.run_url(result.training_run_id), link_text=f"training run {result.training_run_id}",
+        key="mlflow-training-run",
+        description=f"The training run (metrics, sample grids) in the MLflow UI at {ui.url}{where}",
     )

@@ -25,6 +25,8 @@ from diffusion_core.data.readers import read_examples
 from diffusion_core.errors import DiffusionPipelineError
 from diffusion_core.images import encode_png, make_grid
 from diffusion_core.redact import redact_uri
+from flows.prefect_logs import project_logs_to_prefect
+from flows.progress import RateLog
 
 EXAMPLE_COUNT = 64
 
@@ -42,8 +44,11 @@ def _retry_unless_user_error(task: object, task_run: TaskRun, state: State) -> b
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=_retry_unless_user_error)
 def write_dataset(config: PrepareConfig, force: bool) -> PrepareResult:
-    """Prepare the dataset unless its manifest says it is up to date (or `force`)."""
-    return prepare(config, force=force)
+    """Prepare the dataset unless its manifest says it is up to date (or `force`), logging progress."""
+    from diffusion_core.data.sources import open_source
+
+    total = open_source(config.source, config.parameters()).count_hint()
+    return prepare(config, force=force, progress=RateLog("prepare: read", total).update)
 
 
 @task
@@ -64,6 +69,7 @@ def publish_artifacts(result: PrepareResult) -> None:
 def prepare_dataset(config: PrepareConfig, force: bool = False) -> PrepareResult:
     """Prepare `config.source` into `config.output` (rebuilt even when up to date with `force`);
     returns the dataset URI and manifest, `reused` when the published dataset was kept."""
-    result = write_dataset(config, force)
-    publish_artifacts(result)
-    return result
+    with project_logs_to_prefect():
+        result = write_dataset(config, force)
+        publish_artifacts(result)
+        return result

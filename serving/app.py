@@ -46,4 +46,4 @@ def build_app(args: ServeSettings | dict[str, Any] | None = None) -> Application
         max_ongoing_requests=settings.ingress_max_ongoing_requests,
         max_queued_requests=settings.ingress_max_queued_requests,
     )
-    return ingress.bind(model, settings.model_dump(mode="json"))
+    return ingress.bind(model, settings.app_args())

@@ -8,6 +8,10 @@
 - Order. A turn takes the waiting jobs oldest first up to `max_images` images, never skipping one
   (so nothing starves); the oldest is taken even when it alone is larger, and is then sampled as
   several runs.
+- Labels. A turn resolves each job's labels with the model it samples with (`TurnModel.labels_for`:
+  e.g. classes drawn from the class prior by seed for a request that gave none), so the labels
+  always fit that model and the answer reports the ones used; a job they do not fit fails
+  ("invalid").
 - Runs. A sampler run shares its settings (`RunKey`), so a turn's images are grouped by settings
   in arrival order and cut into runs of at most `max_images` (`plan_runs`). The sampler draws each
   image's noise from its own seed (`samplers.sample`), so an image does not depend on how it was
@@ -27,6 +31,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
@@ -139,6 +144,10 @@ class TurnModel(Protocol):
     """The model a turn samples with, taken when the turn starts (a hot swap affects later turns)."""
 
     ref: ModelRef
+
+    def labels_for(self, job: GenerationJob) -> tuple[int, ...] | None:
+        """The labels the job's images are sampled with; ConfigError when the job does not fit."""
+        ...
 
     def sample(self, run: Run) -> np.ndarray:
         """(run.num_images, C, H, W) float32 in [0, 1]; blocking (runs in a worker thread)."""
@@ -273,6 +282,8 @@ class Batcher:
 
     async def _turn(self, taken: list[_Waiting]) -> None:
         model, started = self._model(), time.monotonic()
+        for waiting in taken:
+            self._resolve_labels(model, waiting)
         runs = plan_runs([waiting.job for waiting in taken], self._max_images)
         total = sum(run.num_images for run in runs)
         for planned in runs:
@@ -282,6 +293,15 @@ class Batcher:
             images = await self._sample(model, run, taken)
             if images is not None:
                 self._fill(run, images, taken, model.ref, started, total)
+
+    def _resolve_labels(self, model: TurnModel, waiting: _Waiting) -> None:
+        """The job with the labels `model` samples it with, or settled as invalid."""
+        try:
+            labels = model.labels_for(waiting.job)
+        except ConfigError as err:
+            self._settle(waiting, Failure("invalid", str(err)))
+            return
+        waiting.job = dataclasses.replace(waiting.job, labels=labels)
 
     async def _sample(self, model: TurnModel, run: Run, taken: list[_Waiting]) -> np.ndarray | None:
         """The run's images, or None after failing its jobs."""
@@ -332,4 +352,4 @@ class Batcher:
                 timings = SamplingTimings(queue_s=started - waiting.arrived, sampling_s=now - started,
                                           model_s=now - waiting.arrived, batch_images=waiting.largest_run,
                                           batch_total_images=total)
-                self._settle(waiting, Generated(ref, waiting.images, timings))
+                self._settle(waiting, Generated(ref, waiting.images, timings, waiting.job.labels))

@@ -10,12 +10,16 @@ Where each knob lives:
   deployment, which Serve applies on top of what `build_app` sets.
 - `ModelDeploymentConfig`: derived from `ServeSettings`; Serve passes it to the model deployment's
   `reconfigure`, so changing it (a new model version) swaps the model without restarting replicas.
+- `ServeSettings.targets` (`RayTarget`, `KubeRayTarget`): the running applications that a promotion,
+  a rollback or the deploy stage switches to the new champion (serving/switch.py). Not an arg of
+  the app: it says where apps run, not how one behaves.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
-from typing import Annotated, Self
+from typing import Annotated, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, model_validator
 
@@ -75,6 +79,52 @@ class ModelDeploymentConfig(BaseModel):
     request_timeout_s: float = Field(gt=0.0, description="queued work must be able to finish within it")
 
 
+class RayTarget(BaseModel):
+    """Serve applications on a Ray cluster, switched through Serve's REST API on its dashboard.
+
+    dashboard_url None: the Ray this process is connected to, else RAY_DASHBOARD_ADDRESS (the
+    variable Ray's `serve deploy` reads), else http://127.0.0.1:8265 (Ray's default port), i.e.
+    the local Ray (`ray_dashboard.local_dashboard_url`).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["ray"] = "ray"
+    dashboard_url: str | None = Field(None, pattern=r"^https?://", description="e.g. http://head:8265")
+    app_name: str | None = Field(None, min_length=1, description="None: every app serving the model")
+
+
+class KubeRayTarget(BaseModel):
+    """A KubeRay RayService: its `serveConfigV2` is patched through the Kubernetes API (KubeRay then
+    applies it to the running cluster in place), and the switch is watched on the cluster's
+    dashboard, by default the head service KubeRay creates for the RayService."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["kuberay"]
+    namespace: str = Field(min_length=1)
+    name: str = Field(min_length=1, description="the RayService")
+    app_name: str | None = Field(None, min_length=1, description="None: every app serving the model")
+    dashboard_url: str | None = Field(None, pattern=r"^https?://", description=(
+        "None: http://<name>-head-svc.<namespace>.svc.cluster.local:8265"))
+
+    def watch_url(self) -> str:
+        return self.dashboard_url or f"http://{self.name}-head-svc.{self.namespace}.svc.cluster.local:8265"
+
+
+ServeTarget = Annotated[RayTarget | KubeRayTarget, Field(discriminator="kind")]
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` only accepts connections from this machine (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it resolves to whatever the network says
+        return False
+
+
 class ServeSettings(BaseModel):
     """Section `serve` of the config file and the args of `serving.app:build_app`.
 
@@ -99,7 +149,8 @@ class ServeSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     route_prefix: str = Field("/", pattern=r"^/")
-    api_key_env: str | None = Field(None, description="name of the env var holding the bearer token")
+    api_key_env: str | None = Field(None, description="name of the env var holding the bearer token; "
+                                    "required when host is not a loopback address")
     max_body_bytes: int = Field(
         16 * 1024, ge=1024, description="larger request bodies get 413 before they are parsed (a "
         "request of max_images_per_request labels needs well under 1 KiB)")
@@ -132,9 +183,16 @@ class ServeSettings(BaseModel):
         "sampling): past it /generate answers 504 (and drops the request's images from the queue) and "
         "/model 503 instead of hanging, e.g. while no model replica is healthy. The model replica "
         "admits only the work it can finish within it. Keep it above what max_work takes alone")
+    # Where running apps are switched when the champion changes; not an arg of the app (app_args).
+    targets: list[ServeTarget] = Field(
+        default_factory=list, description="running apps to switch when the champion changes; empty: "
+        "the apps of the local Ray (RayTarget())")
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Self:
+        if self.api_key_env is None and not is_loopback(self.host):
+            raise ValueError("api_key_env: required when host is not a loopback address (anyone who "
+                             "reaches the port could generate); name the variable that holds the key")
         if self.default_steps > self.max_steps:
             raise ValueError(f"default_steps: {self.default_steps} exceeds max_steps={self.max_steps}")
         ongoing = self.model_max_ongoing_requests
@@ -143,6 +201,14 @@ class ServeSettings(BaseModel):
                              f"max_images_per_batch={self.max_images_per_batch}; accepted: >= it")
         ModelSelection.model_validate(self._selection_fields())  # same rules as a hot swap
         return self
+
+    def app_args(self) -> dict[str, object]:
+        """The Serve application's args (JSON): every field but `targets`, which say where apps run."""
+        return self.model_dump(mode="json", exclude={"targets"})
+
+    def switch_targets(self) -> list[RayTarget | KubeRayTarget]:
+        """`targets`, or the local Ray when none are configured."""
+        return list(self.targets) or [RayTarget()]
 
     @property
     def model_max_ongoing_requests(self) -> int:

@@ -1,36 +1,28 @@
-"""Starting the app and switching its model version, declaratively (the way `serve run CONFIG` and
-`serve deploy CONFIG` do it: the controller applies a ServeDeploySchema).
+"""The project's Serve config (serving/serve_config.yaml) and starting the app from it.
 
-Declarative deployment matters for the hot swap: an application applied from a config keeps its code
-version as long as import_path, args and runtime_env are unchanged, so a changed user_config reaches
-the running replicas through `reconfigure` instead of replacing them.
-
-Needs a connected Ray (`ray.init(address=...)`). Applying a config replaces the whole set of
-declaratively deployed applications, so `start_app` and `switch_model` re-apply the others unchanged.
+Apps are deployed declaratively, the way `serve deploy CONFIG` does it: through Serve's REST API on
+the Ray dashboard (serving/serve_rest.py), which also starts Serve when it is not running. An app
+applied from a config keeps its code version as long as import_path, args and runtime_env are
+unchanged, so a later change of its model deployment's user_config (serving/switch.py) reaches the
+running replicas through `reconfigure` instead of replacing them.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
 import yaml
-from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
+from diffusion_core.adapters.ray_dashboard import local_dashboard_url
 from diffusion_core.errors import ConfigError
 from diffusion_core.redact import has_credentials, redact_uri
-from serving.config import (
-    MODEL_DEPLOYMENT,
-    SERVE_CONFIG_PATH,
-    ModelDeploymentConfig,
-    ModelSelection,
-    ServeSettings,
-)
-from serving.schemas import ModelInfo, ReplicaLoadState
+from serving import serve_rest
+from serving.config import SERVE_CONFIG_PATH, ServeSettings
+from serving.serve_rest import ServeRestClient, ServeUnreachableError, app_running
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +42,11 @@ def _single_app(config: dict[str, Any]) -> dict[str, Any]:
     if len(apps) != 1:
         raise ConfigError(f"serve_config.applications: expected one application, got {len(apps)}")
     return apps[0]
+
+
+def app_env_vars(config: dict[str, Any]) -> dict[str, str]:
+    """The environment variables the config's application sets for its replicas (runtime_env)."""
+    return dict((_single_app(config).get("runtime_env") or {}).get("env_vars") or {})
 
 
 def settings_fields(config: dict[str, Any]) -> dict[str, Any]:
@@ -74,7 +71,7 @@ def serve_deploy_config(settings: ServeSettings, base: dict[str, Any] | None = N
     config = copy.deepcopy(base if base is not None else load_serve_config())
     app = _single_app(config)
     app.update(name=settings.app_name, route_prefix=settings.route_prefix,
-               args=settings.model_dump(mode="json"))
+               args=settings.app_args())
     config.setdefault("http_options", {}).update(host=settings.host, port=settings.port)
     return config
 
@@ -88,158 +85,27 @@ def _warn_if_credentials(tracking_uri: str | None) -> None:
                        redact_uri(tracking_uri))
 
 
-def _client() -> Any:
-    from ray.serve.context import _get_global_client
-
-    return _get_global_client()
-
-
-def _deployed_configs() -> dict[str, dict[str, Any]]:
-    """name -> config of every declaratively deployed app (the ones a new config would replace)."""
-    details = _client().get_serve_details()
-    configs = {}
-    for name, app in (details.get("applications") or {}).items():
-        deployed = app.get("deployed_app_config")
-        if deployed:
-            configs[name] = deployed
-    return configs
-
-
-def _deploy_alongside_others(config: dict[str, Any]) -> None:
-    """Apply `config`'s applications and re-apply every other declaratively deployed app unchanged:
-    the controller deletes each declarative app that an applied config lacks. An app of the same
-    name as one in `config` is replaced by it."""
-    names = {app["name"] for app in config["applications"]}
-    others = [app for name, app in _deployed_configs().items() if name not in names]
-    merged = {**config, "applications": [*others, *config["applications"]]}
-    _client().deploy_apps(ServeDeploySchema.model_validate(merged), _blocking=False)
-
-
-def apply_config(config: dict[str, Any]) -> None:
-    """Start Serve (HTTP options from `config`) if needed and apply `config`'s applications next to
-    the apps already deployed."""
-    schema = ServeDeploySchema.model_validate(config)
-    serve.start(http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location)
-    _deploy_alongside_others(config)
-
-
-def wait_until_running(app_name: str, timeout_s: float = 300.0) -> None:
-    """Block until the app is RUNNING; ConfigError with Serve's message if it fails or times out."""
-    deadline = time.monotonic() + timeout_s
-    status = None
-    while time.monotonic() < deadline:
-        status = serve.status().applications.get(app_name)
-        if status is not None and status.status == "RUNNING":
-            return
-        if status is not None and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
-            raise ConfigError(f"serve: application {app_name!r} is {status.status}: {status.message}")
-        time.sleep(0.5)
-    raise ConfigError(f"serve: application {app_name!r} not running after {timeout_s:.0f}s "
-                      f"(status {getattr(status, 'status', None)})")
-
-
-def start_app(settings: ServeSettings, base: dict[str, Any] | None = None, timeout_s: float = 300.0) -> None:
-    """Deploy the app of `settings` (with the deployment options of `base`) next to the other
-    deployed apps (one of the same name is replaced) and wait until it runs."""
-    apply_config(serve_deploy_config(settings, base))
-    wait_until_running(settings.app_name, timeout_s)
+def start_app(settings: ServeSettings, base: dict[str, Any] | None = None, timeout_s: float = 300.0,
+              dashboard_url: str | None = None) -> None:
+    """Deploy the app of `settings` (with the deployment options of `base`) through Serve's REST API
+    on `dashboard_url` (default: the local Ray's), next to the other deployed apps (one of the same
+    name is replaced), and wait until it runs. Starts Serve with the config's HTTP options if needed."""
+    config = serve_deploy_config(settings, base)
+    client = ServeRestClient(dashboard_url or local_dashboard_url())
+    instance = {key: config[key] for key in ("proxy_location", "http_options") if key in config}
+    client.deploy(config["applications"], instance)
+    details = client.wait_for(lambda d: d if app_running(d, settings.app_name) else None,
+                              f"{settings.app_name} starting", timeout_s)
+    http = details.get("http_options") or {}
+    if (http.get("host"), http.get("port")) != (settings.host, settings.port):
+        logger.warning("Serve already ran on this cluster with HTTP %s:%s, which it keeps: the app answers "
+                       "there, not at %s", http.get("host"), http.get("port"), settings.url)
     logger.info("serving %s at %s", settings.app_name, settings.url)
 
 
-def running_app_names() -> list[str]:
-    if not serve.context._get_global_client(raise_if_no_controller_running=False):
+def running_app_names(dashboard_url: str | None = None) -> list[str]:
+    """The Serve apps running or deploying on the local Ray (or the cluster at `dashboard_url`)."""
+    try:
+        return serve_rest.running_app_names(ServeRestClient(dashboard_url or local_dashboard_url()).details())
+    except ServeUnreachableError:
         return []
-    return [name for name, s in serve.status().applications.items() if s.status in ("RUNNING", "DEPLOYING")]
-
-
-def _with_model(app_config: dict[str, Any], selection: ModelSelection) -> dict[str, Any]:
-    """`app_config` with the model deployment's user_config pointing at `selection`."""
-    _warn_if_credentials(selection.tracking_uri)
-    app_config = copy.deepcopy(app_config)
-    settings = ServeSettings.model_validate(app_config.get("args") or {})
-    deployments = app_config.setdefault("deployments", [])
-    entry = next((d for d in deployments if d.get("name") == MODEL_DEPLOYMENT), None)
-    if entry is None:
-        entry = {"name": MODEL_DEPLOYMENT}
-        deployments.append(entry)
-    current = entry.get("user_config") or settings.model_deployment_config().model_dump(mode="json")
-    new = ModelDeploymentConfig.model_validate(current).model_copy(update={"model": selection})
-    entry["user_config"] = new.model_dump(mode="json")
-    return app_config
-
-
-def switch_model(app_name: str, selection: ModelSelection, timeout_s: float = 300.0) -> ModelInfo:
-    """Point the running app's model deployment at `selection` through its user_config (replicas
-    reconfigure in place; in-flight requests finish on the old version) and wait until every replica
-    serves it (`wait_for_model`). Returns the new ModelInfo."""
-    configs = _deployed_configs()
-    if app_name not in configs:
-        raise ConfigError(f"app_name: {app_name!r} is not a declaratively deployed Serve app; running: "
-                          f"{sorted(configs)}",
-                          hint="start it with `diffusion-pipeline serve` or serve deploy")
-    details = _client().get_serve_details()
-    http = details.get("http_options") or {}
-    _deploy_alongside_others({
-        "applications": [_with_model(configs[app_name], selection)],
-        "http_options": {k: v for k, v in http.items() if k in ("host", "port")},
-        "proxy_location": details.get("proxy_location") or "EveryNode",
-    })
-    return wait_for_model(app_name, selection, timeout_s)
-
-
-def serves(info: ModelInfo, selection: ModelSelection) -> bool:
-    """Whether `info` (a replica's model) is the one `selection` asks for."""
-    if selection.checkpoint_dir is not None:
-        return info.source == selection.checkpoint_dir and info.version == selection.version
-    version_ok = selection.version is None or info.version == selection.version
-    return info.name == selection.model_name and version_ok and info.source.startswith("models:/")
-
-
-def wait_for_model(app_name: str, selection: ModelSelection, timeout_s: float = 300.0) -> ModelInfo:
-    """Wait until every replica of the model deployment serves `selection`; ConfigError when a
-    replica reports that loading `selection` failed (it keeps serving its previous model).
-
-    First Serve must report the deployment HEALTHY with `selection` in its user_config: every replica
-    has then returned from `reconfigure`, which returns after the new model loaded or failed to. A
-    handle cannot address one replica, so `load_state` is then called until each running replica id
-    has answered. A failure recorded for another selection (an earlier swap) does not count.
-    """
-    deadline = time.monotonic() + timeout_s
-    replica_ids = _wait_until_reconfigured(app_name, selection, deadline)
-    handle = serve.get_deployment_handle(MODEL_DEPLOYMENT, app_name)
-    answered: dict[str, ModelInfo] = {}
-    while time.monotonic() < deadline:
-        state: ReplicaLoadState = handle.load_state.remote().result(timeout_s=30)
-        info = state.info
-        if state.failed_selection == selection and not serves(info, selection):
-            raise ConfigError(f"model: loading {selection.model_name} version {selection.version} failed "
-                              f"on replica {info.replica}: {info.last_load_error}; it still serves "
-                              f"version {info.version}")
-        if serves(info, selection):
-            answered[info.replica] = info
-        if answered and replica_ids <= set(answered):  # no ids: scaled to zero, the one that woke up
-            return answered[min(replica_ids or answered)]
-        time.sleep(0.05)
-    raise ConfigError(f"model: {app_name!r}: replicas {sorted(replica_ids - set(answered))} did not "
-                      f"switch to version {selection.version} in {timeout_s:.0f}s")
-
-
-def _wait_until_reconfigured(app_name: str, selection: ModelSelection, deadline: float) -> set[str]:
-    """Poll Serve until the model deployment's target user_config holds `selection` and it is HEALTHY
-    (every replica RUNNING at that version) -> the running replica ids."""
-    target = selection.model_dump(mode="json")
-    status = "unknown"
-    while time.monotonic() < deadline:
-        app = (_client().get_serve_details().get("applications") or {}).get(app_name) or {}
-        deployment = (app.get("deployments") or {}).get(MODEL_DEPLOYMENT) or {}
-        user_config = (deployment.get("deployment_config") or {}).get("user_config") or {}
-        status = deployment.get("status", "unknown")
-        if user_config.get("model") == target:
-            if status == "HEALTHY":
-                return {r["replica_id"] for r in deployment.get("replicas", []) if r["state"] == "RUNNING"}
-            if status in ("UNHEALTHY", "DEPLOY_FAILED"):
-                raise ConfigError(f"model: deployment {MODEL_DEPLOYMENT} of {app_name!r} is {status}: "
-                                  f"{deployment.get('message')}")
-        time.sleep(0.2)
-    raise ConfigError(f"model: {app_name!r} did not reconfigure to version {selection.version} "
-                      f"(deployment status {status})")

@@ -3,11 +3,13 @@
 It imports neither torch nor the model (tools/import_graph.py checks), so it stays a light process.
 
 Routes (relative to the app's route prefix):
+  GET  /               a page to try the model from a browser (serving/page.py); public: it holds
+                       no secret and no model detail, and calls the two routes below
   POST /generate       GenerateRequest -> GenerateResponse
-  GET  /model          ModelInfo of the version being served
+  GET  /model          ModelInfo of the version being served, with this endpoint's RequestLimits
   GET  /healthz        {"status": "ready"} once a healthy model replica answers, 503 before (the probe)
   GET  /docs, /openapi.json
-When an API key is configured every route but /healthz needs `Authorization: Bearer <key>`.
+When an API key is configured every route but /healthz and / needs `Authorization: Bearer <key>`.
 
 Before a body is read, `http_guard.RequestGuard` answers 401 (token), 415 (not JSON) and 413 (too
 large). The body is then validated against `schemas.request_model(settings)`: strict JSON types,
@@ -29,7 +31,7 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Security
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel
 from ray import serve
@@ -42,13 +44,22 @@ from diffusion_core.images import encode_png, to_uint8
 from serving.config import INGRESS_DEPLOYMENT, ServeSettings
 from serving.http_guard import RequestGuard
 from serving.jobs import Failure, FailureKind, Generated, GenerationJob
-from serving.schemas import GenerateRequest, GenerateResponse, Health, ModelInfo, Timings, request_model
+from serving.page import load_page
+from serving.schemas import (
+    GenerateRequest,
+    GenerateResponse,
+    Health,
+    ModelInfo,
+    RequestLimits,
+    Timings,
+    request_model,
+)
 
 logger = logging.getLogger(__name__)
 
 HEALTH_TIMEOUT_S = 5.0  # a probe answers fast or not at all; request_timeout_s is for real work
 MAX_PROBLEMS = 5  # lines in one 422 answer: enough to fix a request, bounded whatever was sent
-PUBLIC_PATHS = frozenset({"/healthz"})
+PUBLIC_PATHS = frozenset({"/healthz", "/"})
 
 HTTP_STATUS: dict[FailureKind, int] = {
     "invalid": 422, "overloaded": 503, "unavailable": 503, "timeout": 504,
@@ -98,7 +109,8 @@ def to_job(request: GenerateRequest) -> GenerationJob:
     """A request validated by `request_model` (server defaults filled in) -> the job to sample."""
     return GenerationJob(steps=request.steps, sampler=request.sampler, guidance_scale=request.guidance_scale,
                          eta=request.eta, seeds=draw_seeds(request.seed, request.num_images),
-                         labels=None if request.labels is None else tuple(request.labels))
+                         labels=None if request.labels is None else tuple(request.labels),
+                         unconditional=request.unconditional)
 
 
 def read_api_key(env_name: str | None) -> str | None:
@@ -136,6 +148,7 @@ async def ask_model(call: DeploymentResponse, what: str, timeout_s: float) -> An
 def build_api(model: DeploymentHandle, settings: ServeSettings, api_key: str | None) -> FastAPI:
     """The FastAPI app of one ingress replica: routes, validation and the request guard."""
     Request = request_model(settings)  # noqa: N806 - a class, used as the body's annotation
+    limits, page = RequestLimits.of(settings), load_page()
     fields = list(GenerateRequest.model_fields)
     guarded = [Security(HTTPBearer(auto_error=False))] if api_key else []  # documents the scheme;
     # RequestGuard has checked the token before the body was read
@@ -165,10 +178,16 @@ def build_api(model: DeploymentHandle, settings: ServeSettings, api_key: str | N
             return JSONResponse({"detail": "not ready"}, status_code=503, headers={"Retry-After": "1"})
         return Health(status="ready")
 
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def try_page() -> HTMLResponse:
+        return HTMLResponse(page.html, headers=page.headers)
+
     @api.get("/model", response_model=ModelInfo, dependencies=guarded, responses=errors)
     async def model_info() -> Any:
         answer = await ask_model(model.describe.remote(), "model", settings.request_timeout_s)
-        return error_response(answer) if isinstance(answer, Failure) else answer
+        if isinstance(answer, Failure):
+            return error_response(answer)
+        return answer.model_copy(update={"limits": limits})
 
     @api.post("/generate", response_model=GenerateResponse, dependencies=guarded, responses=errors)
     async def generate(request: Request) -> Any:
@@ -202,7 +221,8 @@ def _response(request: GenerateRequest, job: GenerationJob, result: Generated, h
               started: float) -> Response:
     images, sampled = encode_images(result.images, request.format), result.timings
     body = GenerateResponse(
-        model=result.model, seeds=list(job.seeds), labels=None if job.labels is None else list(job.labels),
+        model=result.model, seeds=list(job.seeds),
+        labels=None if result.labels is None else list(result.labels),
         shape=list(result.images.shape), format=request.format, images=images,
         timings=Timings(queue_s=sampled.queue_s, sampling_s=sampled.sampling_s, model_s=sampled.model_s,
                         handle_s=handle_s, total_s=time.perf_counter() - started,

@@ -18,7 +18,11 @@ from serving.schemas import ModelRef
 
 @dataclass(frozen=True)
 class GenerationJob:
-    """One request as the model deployment sees it: image i uses seeds[i] (and labels[i])."""
+    """One request as the model deployment sees it: image i uses seeds[i] (and labels[i]).
+
+    labels None: a class-conditional model draws each image's class from its class prior by the
+    image's seed, or uses the null label for every image when `unconditional`
+    (model_deployment.ServedModel.labels_for)."""
 
     steps: int
     sampler: str
@@ -26,6 +30,7 @@ class GenerationJob:
     eta: float
     seeds: tuple[int, ...]
     labels: tuple[int, ...] | None = None
+    unconditional: bool = False
 
     @property
     def num_images(self) -> int:
@@ -50,11 +55,13 @@ class SamplingTimings:
 
 @dataclass(frozen=True)
 class Generated:
-    """images: (N, C, H, W) float32 in [0, 1], finite, in the job's seed order."""
+    """images: (N, C, H, W) float32 in [0, 1], finite, in the job's seed order; labels: the class
+    each image was sampled with (-1: the null label), None for a model without classes."""
 
     model: ModelRef
     images: np.ndarray
     timings: SamplingTimings
+    labels: tuple[int, ...] | None = None
 
 
 FailureKind = Literal["invalid", "overloaded", "model_output", "model_error", "unavailable", "timeout"]

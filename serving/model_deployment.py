@@ -4,11 +4,21 @@
 `batching.Batcher`, which owns the queue: the wait window, the image cap per run, FIFO order,
 cancellation and admission by work (see serving/batching.py). Results are typed (`serving.jobs`).
 
-Hot swap: Serve calls `reconfigure(user_config)` when the deployment's user_config changes. The new
-model loads in a thread while the old one keeps serving; the reference is then replaced in one
-assignment. A batcher turn takes the model when it starts, so in-flight requests finish on the old
-version and later ones use the new one. A failed swap keeps the old model (and is shown by GET
-/model); only a replica that has never loaded a model fails to start.
+Labels: a request without labels for a class-conditional model samples the model's marginal: each
+image's class is drawn from the training data's class prior by that image's seed
+(`LoadedModel.default_labels`; the reasoning is in diffusion_core/class_prior.py), so an image is
+the same alone or inside a merged batch. `unconditional` (or label -1 per image) asks for the null
+label instead. The labels are resolved when a batcher turn takes the model, so they always come
+from the model that samples them, and the answer reports them.
+
+Hot swap: Serve calls `reconfigure(user_config)` when the deployment's user_config changes (the
+version is pinned there: serving/pinning.py). The new model loads in a thread while the old one
+keeps serving; the reference is then replaced in one assignment. A batcher turn takes the model
+when it starts, so in-flight requests finish on the old version and later ones use the new one.
+A replica that cannot load the version its user_config names raises from `reconfigure`: Serve then
+retires it (its queued requests finish on the old model) and starts a replacement that loads the
+pinned version, or marks the deployment failed, which the switch reports. No replica goes on
+serving a version other than the one its deployment pins.
 
 Health: Serve's health check fails while no model is loaded, and after `UNHEALTHY_AFTER_FAILED_RUNS`
 consecutive sampling runs failed by the model's fault (non-finite output or an exception).
@@ -30,12 +40,13 @@ from ray import serve
 
 from diffusion_core.adapters.mlflow_registry import numeric_tags
 from diffusion_core.checkpoint import LoadedModel, load_checkpoint
+from diffusion_core.class_prior import uniform_prior
 from diffusion_core.errors import ConfigError
-from diffusion_core.sampling_defaults import check_labels
+from diffusion_core.sampling_defaults import NULL_LABEL, check_labels
 from serving.batching import Batcher, BatcherStats, Run
 from serving.config import MODEL_DEPLOYMENT, ModelDeploymentConfig, ModelSelection
 from serving.jobs import Failure, GenerationJob, JobResult
-from serving.schemas import ModelInfo, ModelRef, ReplicaLoadState
+from serving.schemas import ModelInfo, ModelRef
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +66,17 @@ class ServedModel:
     def ref(self) -> ModelRef:
         return ModelRef(name=self.info.name, version=self.info.version, alias=self.info.alias)
 
+    def labels_for(self, job: GenerationJob) -> tuple[int, ...] | None:
+        """The labels `job` is sampled with (see the module docstring); None for a model without
+        classes. ConfigError (naming the rule, never a value) when its labels do not fit the model."""
+        num_classes = self.loaded.spec.unet.num_classes
+        check_labels(job.labels, job.num_images, num_classes)
+        if job.labels is not None or num_classes is None:
+            return job.labels
+        if job.unconditional:
+            return (NULL_LABEL,) * job.num_images
+        return tuple(self.loaded.default_labels(job.seeds))
+
     def sample(self, run: Run) -> np.ndarray:
         """One reverse-sampling run: (run.num_images, C, H, W) float32 numpy in [0, 1]."""
         key = run.key
@@ -66,11 +88,13 @@ class ServedModel:
 def _describe(selection: ModelSelection, version: str | None, source: str, tags: dict[str, str],
               loaded: LoadedModel, device: str) -> ModelInfo:
     spec = loaded.spec
+    num_classes = spec.unet.num_classes
     return ModelInfo(
         name=selection.model_name, version=version, alias=selection.alias, source=source,
         metrics=numeric_tags(tags), tags=tags,
         image_shape=[spec.data.channels, spec.data.image_size, spec.data.image_size],
-        num_classes=spec.unet.num_classes, label_names=spec.data.label_names,
+        num_classes=num_classes, label_names=spec.data.label_names,
+        class_prior=None if num_classes is None else spec.data.class_prior or uniform_prior(num_classes),
         prediction=spec.objective.prediction, weights=loaded.weights, device=device, loaded_at=time.time(),
     )
 
@@ -112,8 +136,6 @@ class DiffusionModel:
     def __init__(self) -> None:
         torch.set_num_threads(_replica_cpu_threads())
         self._served: ServedModel | None = None
-        self._last_load_error: str | None = None
-        self._failed_selection: ModelSelection | None = None  # what the failed load was asked for
         self._swap_lock = asyncio.Lock()
         # reconfigure, which Serve calls before the first request, sets the configured limits
         self._batcher = Batcher(lambda: self._served, max_images=1, wait_s=0.0, horizon_s=1.0)
@@ -130,15 +152,12 @@ class DiffusionModel:
     async def _swap_model(self, config: ModelDeploymentConfig) -> None:
         try:
             served = await asyncio.to_thread(load_served_model, config)
-        except Exception as err:
-            if self._served is None:
-                raise  # nothing to serve: let Serve fail and retry this replica
-            self._last_load_error = f"{type(err).__name__}: {err}"
-            self._failed_selection = config.model
-            logger.exception("hot swap to %s failed; still serving %s", config.model, self._served.ref)
-            return
+        except Exception:
+            if self._served is not None:
+                logger.exception("cannot load %s; this replica fails so that Serve replaces it rather "
+                                 "than let it serve %s", config.model, self._served.ref)
+            raise
         old, self._served = self._served, served
-        self._last_load_error = self._failed_selection = None
         logger.info("now serving %s (was %s)", served.ref, old.ref if old else None)
 
     def check_health(self) -> None:
@@ -152,20 +171,15 @@ class DiffusionModel:
         if self._served is None:
             raise RuntimeError("no model loaded")
         replica = serve.get_replica_context().replica_id.unique_id
-        return self._served.info.model_copy(update={"last_load_error": self._last_load_error,
-                                                    "replica": replica})
-
-    async def load_state(self) -> ReplicaLoadState:
-        """This replica's model and the selection of its last failed load (control.wait_for_model)."""
-        return ReplicaLoadState(info=await self.describe(), failed_selection=self._failed_selection)
+        return self._served.info.model_copy(update={"replica": replica})
 
     async def stats(self) -> BatcherStats:
         """The batcher's queue, measured rate and counters (operations and tests)."""
         return self._batcher.stats()
 
     async def generate(self, job: GenerationJob) -> JobResult:
-        try:  # against the model loaded now; the sampler checks again should a swap come first
-            check_labels(job.labels, job.num_images, self._served.loaded.spec.unet.num_classes)
+        try:  # refused at once against the model loaded now; the turn resolves them with its model
+            self._served.labels_for(job)
         except ConfigError as err:
             return Failure("invalid", str(err))
         return await self._batcher.submit(job)

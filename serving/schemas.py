@@ -15,12 +15,18 @@ from diffusion_core.sampling_defaults import (
     ETA_SAMPLERS,
     MAX_SEED,
     NULL_LABEL,
+    SAMPLER_NAMES,
     SamplerName,
     check_label_count,
 )
-from serving.config import ModelSelection, ServeSettings
+from serving.config import ServeSettings
 
 Label = Annotated[int, Field(ge=NULL_LABEL, description="a class of the model, or -1 (unconditional)")]
+LABELS_DESCRIPTION = (
+    "one class per image (exactly num_images), -1 for the null label. null: for a class-conditional "
+    "model each image's class is drawn from the training data's class prior (GET /model: "
+    "class_prior) by the image's seed, i.e. a sample of the model's marginal; the answer reports "
+    "the classes drawn. Each must be a class of the served model (GET /model: num_classes)")
 
 
 class GenerateRequest(BaseModel):
@@ -36,8 +42,10 @@ class GenerateRequest(BaseModel):
                                   description="classifier-free guidance w (1 = no guidance)")
     eta: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False,
                        description=f"stochasticity; non-zero only for {', '.join(ETA_SAMPLERS)}")
-    labels: list[Label] | None = Field(None, description="one class per image (exactly num_images); "
-                                       "null -> unconditional. Each must be a class of the served model")
+    labels: list[Label] | None = Field(None, description=LABELS_DESCRIPTION)
+    unconditional: bool = Field(False, description="with no labels: the null label (the model's "
+                                "unconditional estimate) for every image instead of classes drawn "
+                                "from the class prior")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="image i uses seed + i (seed + "
                              "num_images - 1 at most MAX_SEED); null -> random base seed")
     format: Literal["png", "array"] = Field("png", description="base64 PNGs or floats in [0, 1]")
@@ -45,6 +53,9 @@ class GenerateRequest(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> Self:
         check_label_count(self.labels, self.num_images)
+        if self.unconditional and self.labels is not None:
+            raise ConfigError("unconditional: accepted: true only without labels (label -1 asks for the "
+                              "null label image by image)")
         if self.seed is not None and self.seed + self.num_images - 1 > MAX_SEED:
             raise ConfigError(f"seed: seed + num_images - 1 must not exceed {MAX_SEED}")
         if self.eta != 0.0 and self.sampler is not None and self.sampler not in ETA_SAMPLERS:
@@ -78,9 +89,7 @@ def request_model(settings: ServeSettings) -> type[GenerateRequest]:
         steps=(int | None, Field(None, ge=1, le=settings.max_steps, description=(
             f"sampler steps; null -> {settings.default_steps}. num_images * steps <= {settings.max_work}"))),
         sampler=(SamplerName | None, Field(None, description=f"null -> {settings.default_sampler}")),
-        labels=(list[Label] | None, Field(None, max_length=max_images, description=(
-            "one class per image (exactly num_images); null -> unconditional. Each must be a class of "
-            "the served model (GET /model: num_classes)"))),
+        labels=(list[Label] | None, Field(None, max_length=max_images, description=LABELS_DESCRIPTION)),
     )
 
 
@@ -109,12 +118,31 @@ class Timings(BaseModel):
 class GenerateResponse(BaseModel):
     model: ModelRef
     seeds: list[int]
-    labels: list[int] | None
+    labels: list[int] | None = Field(description="the class each image was sampled with (-1: the null "
+                                     "label); null for a model without classes")
     shape: list[int] = Field(description="(num_images, C, H, W)")
     format: Literal["png", "array"]
     images: list[str] | list[list[list[list[float]]]] = Field(
         description="base64 PNG per image, or nested floats in [0, 1] shaped (num_images, C, H, W)")
     timings: Timings
+
+
+class RequestLimits(BaseModel):
+    """What one POST /generate may ask of the endpoint that answered (its ServeSettings): clients
+    split larger jobs by it, and the page sets its form's bounds from it."""
+
+    max_images_per_request: int
+    max_steps: int
+    max_work: int = Field(description="cap on num_images * steps")
+    default_steps: int
+    default_sampler: str
+    samplers: list[str]
+
+    @classmethod
+    def of(cls, settings: ServeSettings) -> RequestLimits:
+        return cls(max_images_per_request=settings.max_images_per_request, max_steps=settings.max_steps,
+                   max_work=settings.max_work, default_steps=settings.default_steps,
+                   default_sampler=settings.default_sampler, samplers=list(SAMPLER_NAMES))
 
 
 class ModelInfo(BaseModel):
@@ -129,23 +157,19 @@ class ModelInfo(BaseModel):
     image_shape: list[int] = Field(description="(C, H, W)")
     num_classes: int | None
     label_names: list[str] | None
+    class_prior: list[float] | None = Field(description="p(class) that a request without labels draws "
+                                            "each image's class from (the training data's class "
+                                            "frequencies); null for a model without classes")
     prediction: str
     weights: str
     device: str
     loaded_at: float
     replica: str = Field("", description="id of the Serve replica that answered (unchanged by a hot swap)")
-    last_load_error: str | None = Field(None, description="a failed hot swap; the previous model is kept")
+    limits: RequestLimits | None = Field(None, description="the request limits of the endpoint that "
+                                         "answered (set by its ingress; the model replica leaves it null)")
 
 
 class Health(BaseModel):
     """GET /healthz: readiness only; what is served is at GET /model."""
 
     status: Literal["ready"]
-
-
-class ReplicaLoadState(BaseModel):
-    """What one model replica serves, and which selection its last failed load was for (so that a
-    caller waiting for a swap can tell an earlier swap's failure from its own)."""
-
-    info: ModelInfo
-    failed_selection: ModelSelection | None = None

@@ -7,10 +7,8 @@ session so that no process outlives the run.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,15 +22,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
-# Logical CPUs for the session Ray: more than the 2 physical cores so that two 1-CPU training
-# workers and Serve replicas can coexist; the tests are sized so that this does not oversubscribe.
-RAY_TEST_CPUS = 4
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from local_services import free_port, init_session_ray, terminate, wait_http
 
 
 @pytest.fixture()
@@ -61,9 +51,7 @@ def ray_local(_ray_session: None):
     """A local single-node Ray, started on first use and shared by the session."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=RAY_TEST_CPUS, include_dashboard=False, log_to_driver=True,
-                 configure_logging=False)
+    init_session_ray()
     return ray
 
 
@@ -137,38 +125,11 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     try:
-        _wait_http(uri + "/health", proc, timeout=120, log_path=root / "server.log")
+        wait_http(uri + "/health", proc, timeout=120, log_path=root / "server.log")
         yield MlflowServer(tracking_uri=uri, process=proc)
     finally:
-        _terminate(proc)
+        terminate(proc)
         log.close()
-
-
-def _wait_http(url: str, proc: subprocess.Popen, timeout: float, log_path: Path) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited early: {log_path.read_text()[-2000:]}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} not up after {timeout}s: {log_path.read_text()[-2000:]}")
-
-
-def _terminate(proc: subprocess.Popen) -> None:
-    import signal
-
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="session")

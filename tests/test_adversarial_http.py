@@ -48,8 +48,7 @@ def make_checkpoint(path: Path, output_fill: float | None = None) -> Path:
 @pytest.fixture(scope="module")
 def apps(_ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """name -> ServeSettings of the three running apps (see the module docstring)."""
-    import ray
-    from conftest import RAY_TEST_CPUS, free_port
+    from local_services import free_port, init_session_ray
     from ray import serve
 
     from serving import control
@@ -73,8 +72,7 @@ def apps(_ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> dict:
                                request_timeout_s=1.0, **common),
         "nan": ServeSettings(app_name="nan", route_prefix="/nan", checkpoint_dir=str(broken), **common),
     }
-    if not ray.is_initialized():
-        ray.init(num_cpus=RAY_TEST_CPUS, include_dashboard=False, configure_logging=False)
+    init_session_ray()
     try:
         for one in settings.values():
             control.start_app(one, base, timeout_s=240)
@@ -288,14 +286,15 @@ def test_the_tracking_uri_reaches_serve_without_credentials():
     """Before: a tracking URI with user:password went into the app's args and the model's
     user_config, which Serve records and shows."""
     from serving import control
-    from serving.config import ModelSelection, ServeSettings
+    from serving.config import ServeSettings
+    from serving.pinning import pin_version
 
     uri = "https://alice:s3cret-pw@mlflow.example:5000/?token=t0ken-value"
     settings = ServeSettings(tracking_uri=uri)
     deployed = control.serve_deploy_config(settings, control.load_serve_config())
     app = deployed["applications"][0]
     user_config = settings.model_deployment_config().model_dump(mode="json")
-    switched = control._with_model(app, ModelSelection(model_name="m", version="2", tracking_uri=uri))
+    switched = pin_version(app, "2", "champion")
     recorded = [app["args"]["tracking_uri"], user_config["model"]["tracking_uri"],
                 next(d for d in switched["deployments"] if d["name"] == "DiffusionModel")["user_config"]]
     assert all("s3cret-pw" not in str(r) and "t0ken-value" not in str(r) for r in recorded), recorded

@@ -24,14 +24,16 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from conftest import _terminate, _wait_http, free_port
+from local_services import free_port, terminate, wait_http
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from test_registry_support import make_checkpoint
 
 from diffusion_core.adapters.mlflow_registry import (
     CHAMPION,
+    DATA_SPEC_TAG,
     PREVIOUS_CHAMPION,
+    DataSpecKey,
     RegistryError,
     download_checkpoint,
     generation_frame,
@@ -44,9 +46,11 @@ from diffusion_core.errors import CheckpointError
 from diffusion_core.metrics import EvalConfig, ReferenceData, evaluate_model
 from diffusion_core.metrics_features import FeatureExtractor, FeatureNetConfig, random_feature_extractor
 
+# Versions registered by log_and_register always carry their data spec; the gate compares only those.
+DIGITS_SPEC = DataSpecKey(image_size=8, channels=1, label_names=[str(i) for i in range(10)]).to_tag()
 # Above the quality floor, not copying, measured with a feature classifier that learned its data.
-GOOD = {"eval_precision": "0.9", "eval_recall": "0.9", "eval_key": "k", "eval_copy_share": "0.1",
-        "eval_feature_kind": "trained_classifier", "eval_feature_p_value": "0.0"}
+GOOD = {"eval_precision": "0.9", "eval_recall": "0.9", "eval_key": "k", DATA_SPEC_TAG: DIGITS_SPEC,
+        "eval_copy_share": "0.1", "eval_feature_kind": "trained_classifier", "eval_feature_p_value": "0.0"}
 
 
 @pytest.fixture(scope="module")
@@ -311,7 +315,7 @@ def _start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
                              "--artifacts-destination", str(root / "artifacts"),
                              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    _wait_http(f"http://127.0.0.1:{port}/health", proc, timeout=120, log_path=root / f"server-{port}.log")
+    wait_http(f"http://127.0.0.1:{port}/health", proc, timeout=120, log_path=root / f"server-{port}.log")
     return proc
 
 
@@ -343,7 +347,7 @@ def test_rank_zero_tracking_survives_a_server_outage(tmp_path, monkeypatch) -> N
         server.wait(timeout=30)
         started = time.monotonic()
         tracker.log_metrics({"loss": 0.5}, step=2)
-        tracker.log_png(b"\x89PNG fake", "samples", "step_0000002.png")
+        tracker.log_image(np.zeros((4, 4, 1), np.uint8), "samples", step=2)
         tracker.set_tags({"phase": "outage"})
         tracker.log_metrics({"loss": 0.25}, step=3)
         assert time.monotonic() - started < 1.0  # logging never waits for the server
@@ -353,9 +357,10 @@ def test_rank_zero_tracking_survives_a_server_outage(tmp_path, monkeypatch) -> N
         history = client.get_metric_history(run_id, "loss")
         assert sorted((m.step, m.value) for m in history) == [(1, 1.0), (2, 0.5), (3, 0.25)]
         assert client.get_run(run_id).data.tags["phase"] == "outage"
-        assert [a.path for a in client.list_artifacts(run_id, "samples")] == ["samples/step_0000002.png"]
+        images = [a.path for a in client.list_artifacts(run_id, "images")]
+        assert len(images) == 2 and all(p.startswith("images/samples+step+2+") for p in images), images
     finally:
-        _terminate(server)
+        terminate(server)
 
 
 def test_rank_zero_tracking_against_an_unreachable_server_never_raises(quick_mlflow_http, caplog,
@@ -370,7 +375,7 @@ def test_rank_zero_tracking_against_an_unreachable_server_never_raises(quick_mlf
         tracker = RankZeroTracker(uri, "0" * 32)
         for step in range(1, 4):
             tracker.log_metrics({"loss": 1.0 / step}, step=step)
-        tracker.log_png(b"png", "samples", "x.png")
+        tracker.log_image(np.zeros((4, 4, 1), np.uint8), "samples", step=3)
         tracker.close()
     assert time.monotonic() - started < 60
     assert "unavailable" in caplog.text and "not sent" in caplog.text

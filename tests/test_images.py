@@ -11,6 +11,7 @@ from diffusion_core.images import (
     MODEL_VALUE_RANGE,
     decode_png,
     encode_png,
+    enlarge,
     from_uint8,
     make_grid,
     save_png,
@@ -52,6 +53,16 @@ def test_make_grid_places_tiles_row_major_with_padding() -> None:
     assert (grid[4:6, 5:8] == 50).all()  # tile 4 at row 1, col 1
     assert (grid[4:6, 9:12] == 7).all()  # missing tile 5 stays blank
     assert (grid[0] == 7).all() and (grid[:, 0] == 7).all()
+
+
+@pytest.mark.parametrize(("size", "zoomed"), [(8, 32), (28, 56), (32, 32), (64, 64)])
+def test_enlarge_zooms_by_the_smallest_integer_factor_reaching_the_minimum(size: int, zoomed: int) -> None:
+    images = np.random.default_rng(0).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
+    big = enlarge(images, min_size=32)
+    zoom = zoomed // size
+    assert big.shape == (2, zoomed, zoomed, 3) and big.dtype == np.uint8
+    assert np.array_equal(big[:, ::zoom, ::zoom], images)  # each pixel became a zoom x zoom block
+    assert np.array_equal(big[:, zoom - 1 :: zoom, zoom - 1 :: zoom], images)
 
 
 def test_make_grid_rejects_bad_arguments() -> None:

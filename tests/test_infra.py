@@ -43,6 +43,8 @@ API_VERSIONS = {
     "RayCluster": "ray.io/v1", "RayJob": "ray.io/v1", "RayService": "ray.io/v1",
     "Deployment": "apps/v1", "Service": "v1", "Namespace": "v1", "ConfigMap": "v1",
     "NetworkPolicy": "networking.k8s.io/v1", "Kustomization": "kustomize.config.k8s.io/v1beta1",
+    "ServiceAccount": "v1", "Role": "rbac.authorization.k8s.io/v1",
+    "RoleBinding": "rbac.authorization.k8s.io/v1",
 }
 POOL = "diffusion-pool"
 
@@ -393,6 +395,32 @@ def test_compose_training_config_is_valid_and_on_shared_storage() -> None:
     config = load_train_config(INFRA / "compose" / "pipeline.yaml", "s3://pipeline/datasets/digits")
     assert config.use_gpu is False
     assert config.storage_path.startswith("s3://pipeline/")
+
+
+def test_the_kubernetes_pipeline_switches_the_rayservice_it_may_patch() -> None:
+    """Issue 11: the retrain pipeline on Kubernetes pins the champion in the RayService (no
+    `serve: false`), and the Prefect worker's ServiceAccount may get and patch exactly that one."""
+    from flows.pipeline_config import load_pipeline_config
+    from serving.config import KubeRayTarget
+
+    config = load_pipeline_config(K8S / "config" / "pipeline.yaml")
+    assert config.serve is True
+    [target] = config.serve_settings().switch_targets()
+    service = one("RayService")["metadata"]["name"]
+    assert isinstance(target, KubeRayTarget)
+    assert (target.namespace, target.name) == (one("Kustomization")["namespace"], service)
+    assert target.watch_url().startswith(f"http://{service}-head-svc.{target.namespace}.svc")
+    worker = next(d for d in docs_of_kind("Deployment") if d["metadata"]["name"] == "prefect-worker")
+    account = worker["spec"]["template"]["spec"]["serviceAccountName"]
+    assert account in {d["metadata"]["name"] for d in docs_of_kind("ServiceAccount")}
+    bound = [b["roleRef"]["name"] for b in docs_of_kind("RoleBinding")
+             if {"kind": "ServiceAccount", "name": account} in b["subjects"]]
+    roles = [role for role in docs_of_kind("Role") if role["metadata"]["name"] in bound]
+    rules = [rule for role in roles for rule in role["rules"]]
+    assert rules == [{"apiGroups": ["ray.io"], "resources": ["rayservices"], "resourceNames": [service],
+                      "verbs": ["get", "patch"]}]
+    # the switch is watched on the RayService's dashboard: the NetworkPolicy lets the worker in
+    assert "prefect worker" in admitted(RAY_HEAD, 8265)
 
 
 # ---------------------------------------------------------------- images and versions

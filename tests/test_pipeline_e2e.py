@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import free_port
+from local_services import free_port
 
 from diffusion_core.checkpoint import load_checkpoint
 from diffusion_core.data.manifest import read_manifest

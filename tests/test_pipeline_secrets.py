@@ -23,15 +23,17 @@ CREDENTIAL_URI = f"https://alice:{SECRET}@mlflow.example:5000"
 RESULT = PipelineResult(
     dataset_uri="/data/ds", dataset_fingerprint="f" * 64, dataset_reused=True, trained=True,
     training_run_id="run-1", checkpoint_path="/ckpt", model_name="digits", version="3",
-    became_champion=True, decision="promoted", metrics={"eval_fd": 12.5},
+    became_champion=True, is_champion=True, decision="promoted", metrics={"eval_fd": 12.5},
 )
 
 
 def test_run_summary_redacts_the_tracking_uri(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from flows.cli.run import _print_summary
+    from flows.cli.context import CliContext
+    from flows.cli.run import Grid, _print_summary
 
     config = PipelineConfig(tracking_uri=CREDENTIAL_URI, work_dir=str(tmp_path))
-    _print_summary(config, RESULT, tmp_path / "grid.png", 12.0)
+    grid = Grid(path=tmp_path / "grid.png", model_name="digits", version="3", alias="champion", num_images=4)
+    _print_summary(CliContext(), config, RESULT, grid, 12.0, serving=False)
     out = capsys.readouterr().out
     assert SECRET not in out
     assert "https://alice:***@mlflow.example:5000" in out

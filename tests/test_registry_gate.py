@@ -1,4 +1,4 @@
-"""The promotion gate as a pure function: scores and policy in, verdict out (no MLflow)."""
+"""The promotion gate as a pure function: scores and policy in, verdict out (no MLflow); data-spec keys."""
 
 from __future__ import annotations
 
@@ -8,6 +8,12 @@ import pytest
 
 from diffusion_core.adapters.mlflow_registry import GatePolicy, RegistryConfig, RegistryError
 from diffusion_core.adapters.mlflow_registry.gate import CandidateScores, decide, parse_score
+from diffusion_core.adapters.mlflow_registry.lineage import (
+    UNREADABLE,
+    DataSpecKey,
+    spec_differences,
+    suggest_model_name,
+)
 
 POLICY = GatePolicy(margin=0.02, min_precision=0.5, min_recall=0.5)
 # With the rules on recorded copying and on the feature network (RegistryConfig's defaults).
@@ -75,6 +81,29 @@ def test_missing_scores_are_an_error_not_a_verdict() -> None:
 
 def test_force_skips_every_check() -> None:
     assert decide(CandidateScores(fd=None), 1.0, POLICY, force=True).action == "forced"
+    assert decide(good(1.0), None, POLICY, force=True, data_spec_differences=["channels"]).action == "forced"
+
+
+def test_a_champion_of_another_data_spec_is_never_compared() -> None:
+    # Far better scores do not help: the numbers measure different kinds of data.
+    verdict = decide(good(0.001), None, POLICY, data_spec_differences=["image_size", "channels"])
+    assert verdict.action == "rejected"
+    assert verdict.reason.startswith("not comparable with the champion: the data spec differs in "
+                                     "image_size, channels")
+
+
+def test_data_spec_keys_name_the_fields_that_differ() -> None:
+    digits = DataSpecKey(image_size=8, channels=1, label_names=[str(i) for i in range(10)])
+    renamed = digits.model_copy(update={"label_names": [f"d{i}" for i in range(10)]})
+    shapes = DataSpecKey(image_size=16, channels=3, label_names=["circle", "square"])
+    assert digits.differences(digits) == [] and spec_differences(digits, digits) == []
+    assert digits.differences(renamed) == ["label_names"]  # same count, other names: other classes
+    assert digits.differences(shapes) == ["image_size", "channels", "label_names"]
+    assert spec_differences(digits, None) == [UNREADABLE]  # an unreadable spec is never comparable
+    assert DataSpecKey.from_tag(shapes.to_tag()) == shapes and DataSpecKey.from_tag("{broken") is None
+    assert (digits.describe(), shapes.describe()) == ("8x8 grey, 10 labels", "16x16 RGB, 2 labels")
+    assert suggest_model_name("diffusion-digits", shapes, "shapes") == "diffusion-shapes"
+    assert suggest_model_name("diffusion-shapes", shapes, "shapes") == "diffusion-shapes-16x16-rgb"
 
 
 def test_recorded_scores_parse_to_none_number_or_nan() -> None:

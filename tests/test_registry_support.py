@@ -20,6 +20,16 @@ TINY_UNET = UNetConfig(image_size=8, in_channels=1, base_channels=8, channel_mul
 TINY_SCHEDULE = ScheduleConfig(name="cosine", num_timesteps=200)
 
 
+def make_shapes_checkpoint(directory: Path, fingerprint: str = "shapes-test") -> Path:
+    """A random-init 16x16 RGB model of two labelled classes: a different data spec from digits."""
+    torch.manual_seed(0)
+    unet = TINY_UNET.model_copy(update={"image_size": 16, "in_channels": 3, "num_classes": 2})
+    spec = ModelSpec(unet=unet, schedule=TINY_SCHEDULE, objective=ObjectiveConfig(),
+                     data=DataSpec(image_size=16, channels=3, label_names=["circle", "square"],
+                                   dataset_fingerprint=fingerprint))
+    return save_checkpoint(directory, UNet(unet).eval(), spec)
+
+
 def digits_in_model_space() -> tuple[torch.Tensor, torch.Tensor]:
     """All 1,797 digits as (N, 1, 8, 8) float32 in [-1, 1] and int64 labels."""
     data = load_digits()

@@ -1,9 +1,11 @@
 """The Serve app over real HTTP: one app on a local Ray (free port), shared by the module's tests.
 
 The model comes from a real MLflow registry (SQLite store in a temp dir): version 1 is a conditional
-10-class digits UNet (alias champion), version 2 an unconditional one that the hot-swap test switches
-to. Both are random-init with a non-zero output layer, so that images depend on the weights.
-Served images are compared with `LoadedModel.generate` called directly with the same seeds.
+10-class digits UNet (alias champion), version 2 an unconditional one that the hot-swap tests switch
+the `swap` app to (their switches name that app only: every app serving a model follows a switch
+that names none). Both are random-init with a non-zero output layer, so that images depend on the
+weights. Served images are compared with `LoadedModel.generate` called directly with the same seeds.
+A third app serves a local checkpoint whose class prior is one-hot.
 """
 
 from __future__ import annotations
@@ -35,19 +37,20 @@ STEPS = 4
 
 
 def free_port() -> int:
-    from conftest import free_port as conftest_free_port
+    from local_services import free_port as conftest_free_port
 
     return conftest_free_port()
 
 
-def make_checkpoint(path: Path, num_classes: int | None, seed: int) -> Path:
+def make_checkpoint(path: Path, num_classes: int | None, seed: int,
+                    class_prior: list[float] | None = None) -> Path:
     torch.manual_seed(seed)
     config = UNetConfig.digits_default(num_classes=num_classes)
     model = UNet(config)
     torch.nn.init.normal_(model.conv_out.weight, std=0.05)  # zero-init would ignore the weights
     names = [str(i) for i in range(num_classes)] if num_classes else None
     spec = ModelSpec(unet=config, schedule=ScheduleConfig(), objective=ObjectiveConfig(),
-                     data=DataSpec(image_size=8, channels=1, label_names=names))
+                     data=DataSpec(image_size=8, channels=1, label_names=names, class_prior=class_prior))
     return save_checkpoint(path, model, spec)
 
 
@@ -113,14 +116,12 @@ def serve_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(_ray_session: None, settings, serve_config: Path) -> str:
     """The app, started by the deploy task (declaratively, as `diffusion-pipeline serve` does) from
     the packaged Serve config with test-sized actor options -> its URL."""
-    import ray
-    from conftest import RAY_TEST_CPUS
+    from local_services import init_session_ray
     from ray import serve
 
     from flows.deploy import deploy
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=RAY_TEST_CPUS, include_dashboard=False, configure_logging=False)
+    init_session_ray()
     try:
         result = deploy.fn(MODEL, alias="champion", settings=settings, start_if_not_running=True,
                            serve_config=serve_config, timeout_s=240)
@@ -160,7 +161,11 @@ def test_healthz_and_model_info(server: str, registry: dict):
     assert (info["name"], info["version"], info["alias"]) == (MODEL, registry["v1"], "champion")
     assert info["image_shape"] == [1, 8, 8] and info["num_classes"] == 10
     assert info["label_names"] == [str(i) for i in range(10)]
+    assert info["class_prior"] == [0.1] * 10  # no class counts recorded: uniform
     assert info["metrics"]["fd"] == 1.5
+    assert info["limits"] == {"max_images_per_request": 16, "max_steps": 50, "max_work": 160,
+                              "default_steps": STEPS, "default_sampler": "dpmpp_2m",
+                              "samplers": ["dpmpp_2m", "ddim", "ddpm"]}
 
 
 def test_array_output_matches_a_direct_sampler_call(server: str, reference, registry: dict):
@@ -214,6 +219,71 @@ def test_an_image_is_identical_alone_and_inside_a_merged_batch(server: str, sett
     np.testing.assert_allclose(np.asarray(merged["images"]), np.asarray(alone["images"]), atol=1e-4)
 
 
+def test_an_unlabelled_image_is_identical_alone_and_inside_a_merged_batch(server: str, reference):
+    """Issue 13: the class each unlabelled image gets is drawn from its seed alone."""
+    alone = post(server, {"num_images": 1, "seed": 9, "format": "array"}).json()
+    assert alone["timings"]["batch_images"] == 1
+    payloads = [{"num_images": 6, "seed": 6, "format": "array"},  # holds seed 9 as its image 3
+                {"num_images": 5, "seed": 300, "labels": [1, 2, 3, 4, 5], "format": "array"},
+                *({"num_images": 1, "seed": 700 + i, "format": "array"} for i in range(4))]
+    responses = asyncio.run(post_many(server, payloads))
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
+    merged = responses[0].json()
+    assert merged["timings"]["batch_images"] > 6  # it really shared a run with other requests
+    assert merged["labels"][3] == alone["labels"][0]
+    np.testing.assert_allclose(np.asarray(merged["images"])[3:4], np.asarray(alone["images"]), atol=1e-4)
+    # the labels reported are the ones sampled: a direct call with them gives the same images
+    np.testing.assert_allclose(np.asarray(merged["images"]), expected(reference, list(range(6, 12)),
+                                                                      merged["labels"]), atol=1e-4)
+    drawn = [label for r in responses for label in r.json()["labels"]]
+    assert all(0 <= label < 10 for label in drawn) and len(set(drawn)) > 1
+
+
+def test_unconditional_requests_use_the_null_label(server: str, reference):
+    explicit = post(server, {"num_images": 2, "seed": 21, "unconditional": True, "format": "array"}).json()
+    per_image = post(server, {"num_images": 2, "seed": 21, "labels": [-1, -1], "format": "array"}).json()
+    assert explicit["labels"] == per_image["labels"] == [-1, -1]
+    direct = reference.generate(2, steps=STEPS, seeds=[21, 22], unconditional=True).numpy()
+    np.testing.assert_allclose(np.asarray(explicit["images"]), direct, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(per_image["images"]), direct, atol=1e-4)
+    response = post(server, {"num_images": 1, "labels": [2], "unconditional": True})
+    assert response.status_code == 422
+    assert "unconditional: accepted: true only without labels" in response.json()["detail"]
+
+
+@pytest.fixture(scope="module")
+def one_hot_app(server: str, settings, serve_config: Path, tmp_path_factory: pytest.TempPathFactory):
+    """An app serving a local checkpoint whose class prior puts all mass on class 7 -> its URL."""
+    from ray import serve
+
+    from serving import control
+
+    prior = [0.0] * 10
+    prior[7] = 1.0
+    checkpoint = make_checkpoint(tmp_path_factory.mktemp("one_hot") / "checkpoint", num_classes=10, seed=3,
+                                 class_prior=prior)
+    one_hot = settings.model_copy(update={"app_name": "one-hot", "route_prefix": "/one-hot", "alias": None,
+                                          "checkpoint_dir": str(checkpoint)})
+    base = control.load_serve_config(serve_config)
+    for deployment in base["applications"][0]["deployments"]:
+        deployment["ray_actor_options"] = {"num_cpus": 0}
+    control.start_app(one_hot, base, timeout_s=240)
+    try:
+        yield one_hot.url, load_checkpoint(checkpoint)
+    finally:
+        serve.delete(one_hot.app_name)
+
+
+def test_unlabelled_requests_of_a_one_hot_prior_all_get_its_class(one_hot_app):
+    url, model = one_hot_app
+    info = httpx.get(f"{url}/model", headers=AUTH, timeout=30).json()
+    assert info["class_prior"] == [0.0] * 7 + [1.0] + [0.0] * 2
+    body = post(url, {"num_images": 12, "seed": 40, "format": "array"}).json()
+    assert body["labels"] == [7] * 12
+    direct = model.generate(12, steps=STEPS, seeds=list(range(40, 52)), labels=[7] * 12).numpy()
+    np.testing.assert_allclose(np.asarray(body["images"]), direct, atol=1e-4)
+
+
 def test_32_concurrent_clients_all_get_their_own_images(server: str, reference):
     payloads = [{"num_images": 1, "seed": 1000 + i, "labels": [i % 10], "format": "array"} for i in range(32)]
     responses = asyncio.run(post_many(server, payloads))
@@ -260,7 +330,7 @@ def test_client_and_generate_cli_write_pngs_and_a_grid(server: str, tmp_path: Pa
     pngs = sorted(p.name for p in tmp_path.glob("image_*.png"))
     assert pngs == [f"image_{i:03d}_seed{i}.png" for i in range(5)]
     grid = decode_png((tmp_path / "grid.png").read_bytes())
-    assert grid.shape == (2 * 9 + 1, 4 * 9 + 1, 1)  # 2 rows x 4 columns of 8x8 tiles, 1 px padding
+    assert grid.shape == (2 * 34 + 2, 4 * 34 + 2, 1)  # 2 rows x 4 of 8x8 tiles zoomed to 32, 2 px padding
 
 
 # ------------------------------------------------------------------------------------- bad input
@@ -401,12 +471,13 @@ def test_a_dead_or_silent_model_replica_gets_503_or_504_not_500_or_a_hang(server
         serve.delete("broken")
 
 
-def test_deploy_without_a_running_app_does_nothing_unless_asked(server: str, settings, registry: dict):
-    from flows.deploy import deploy
+def test_deploy_to_a_named_app_that_does_not_run_fails_naming_it(server: str, settings, registry: dict):
+    from flows.deploy import DeployError, deploy
+    from serving.config import RayTarget
 
-    other = settings.model_copy(update={"app_name": "not-deployed"})
-    result = deploy.fn(MODEL, alias="champion", settings=other)
-    assert result.action == "not_running" and result.version == registry["v1"]
+    other = settings.model_copy(update={"targets": [RayTarget(app_name="not-deployed")]})
+    with pytest.raises(DeployError, match=r"'not-deployed'.*does not run there"):
+        deploy.fn(MODEL, alias="champion", settings=other)
 
 
 # ------------------------------------------------------------------------------------- hot swap
@@ -419,8 +490,10 @@ def swap_app(server: str, settings, serve_config: Path):
     from ray import serve
 
     from flows.deploy import deploy
+    from serving.config import RayTarget
 
-    swap = settings.model_copy(update={"app_name": "swap", "route_prefix": "/swap"})
+    swap = settings.model_copy(update={"app_name": "swap", "route_prefix": "/swap",
+                                       "targets": [RayTarget(app_name="swap")]})
     result = deploy.fn(MODEL, alias="champion", settings=swap, start_if_not_running=True,
                        serve_config=serve_config, timeout_s=240)
     assert result.action == "started"
@@ -430,39 +503,37 @@ def swap_app(server: str, settings, serve_config: Path):
         serve.delete(swap.app_name)
 
 
-def serving_version(swap_app, registry: dict, version_key: str):
-    """Switch the swap app to registry[version_key] (a no-op when it serves it already)."""
-    from serving import control
-    from serving.config import ModelSelection
+def serving_version(swap_app, registry: dict, version: str):
+    """Switch the swap app to `version` (a no-op when it serves it already) -> the switch report."""
+    from serving.switch import switch_to_version
 
-    selection = ModelSelection(model_name=MODEL, alias="champion" if version_key == "v1" else None,
-                               version=registry[version_key], tracking_uri=registry["uri"])
-    return control.switch_model(swap_app.app_name, selection, timeout_s=120)
+    return switch_to_version(MODEL, version, None, swap_app.targets, timeout_s=180)
 
 
-def test_a_failed_swap_keeps_the_model_and_does_not_fail_the_next_swap(swap_app, registry: dict,
-                                                                       tmp_path: Path):
-    from diffusion_core.errors import ConfigError
-    from serving import control
-    from serving.config import ModelSelection
-
-    serving_version(swap_app, registry, "v1")
-    missing = ModelSelection(model_name=MODEL, checkpoint_dir=str(tmp_path / "missing"))
-    with pytest.raises(ConfigError, match="failed on replica"):
-        control.switch_model(swap_app.app_name, missing, timeout_s=120)
-    info = httpx.get(f"{swap_app.url}/model", headers=AUTH, timeout=30).json()
-    assert info["version"] == registry["v1"] and "missing" in info["last_load_error"]
-    # the error of the failed swap is still reported while the next swap starts: it must not count
-    assert serving_version(swap_app, registry, "v2").version == registry["v2"]
-    info = serving_version(swap_app, registry, "v1")
-    assert info.version == registry["v1"] and info.last_load_error is None
+def model_info(url: str) -> dict:
+    return httpx.get(f"{url}/model", headers=AUTH, timeout=30).json()
 
 
-def test_hot_swap_under_load_drops_nothing(swap_app, registry: dict):
+def test_a_version_that_cannot_load_fails_the_switch_by_name_and_switching_back_recovers(
+        swap_app, registry: dict):
+    """A replica that cannot load the pinned version is replaced rather than left serving another
+    one; Serve then marks the deployment failed, and the switch names the app."""
+    serving_version(swap_app, registry, registry["v1"])
+    report = serving_version(swap_app, registry, "999")  # no such version: every load fails
+    [failure] = report.failures
+    assert failure.app_name == "swap" and "DEPLOY_FAILED" in failure.message
+    # Serve stops the failed update and keeps a replica of the previous version: still v1, answering
+    assert post(swap_app.url, {"num_images": 1, "seed": 0}).json()["model"]["version"] == registry["v1"]
+    report = serving_version(swap_app, registry, registry["v1"])
+    assert [(o.app_name, o.action) for o in report.outcomes] == [("swap", "switched")]
+    assert model_info(swap_app.url)["version"] == registry["v1"]
+
+
+def test_hot_swap_under_load_drops_nothing(swap_app, registry: dict, server: str):
     """deploy() switches the running app from v1 to v2 while 6 clients keep requesting."""
     from flows.deploy import deploy
 
-    serving_version(swap_app, registry, "v1")
+    serving_version(swap_app, registry, registry["v1"])
     url = swap_app.url
     stop = threading.Event()
     seen: list[tuple[int, str | None]] = []
@@ -499,3 +570,5 @@ def test_hot_swap_under_load_drops_nothing(swap_app, registry: dict):
     response = post(url, {"num_images": 1, "labels": [3]})
     assert response.status_code == 422 and "unconditional" in response.json()["detail"]
     assert deploy.fn(MODEL, alias=None, version=registry["v2"], settings=swap_app).action == "unchanged"
+    # the shared app serves the same model: a switch that names only `swap` left it alone
+    assert model_info(server)["version"] == registry["v1"]

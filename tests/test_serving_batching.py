@@ -69,12 +69,23 @@ class GatedModel:
 
     def __init__(self, nan_seeds: frozenset[int] = frozenset(), refuse_sampler: str | None = None) -> None:
         self.runs: list[list[int]] = []
+        self.run_labels: list[list[int] | None] = []
         self.gate = threading.Event()
         self.gate.set()
         self.nan_seeds, self.refuse_sampler = nan_seeds, refuse_sampler
 
+    def labels_for(self, job: GenerationJob) -> tuple[int, ...] | None:
+        """Given labels as they are; without labels, seed % 10 (as a class prior drawn by seed would
+        be: a function of the seed alone); -1 for every image of an unconditional request."""
+        if job.labels is not None:
+            if any(label > 9 for label in job.labels):
+                raise ConfigError("labels: each must be a class of this model")
+            return job.labels
+        return tuple(-1 if job.unconditional else seed % 10 for seed in job.seeds)
+
     def sample(self, run: Run) -> np.ndarray:
         self.runs.append(list(run.seeds))
+        self.run_labels.append(run.labels)
         self.gate.wait(timeout=30)
         if run.key.sampler == self.refuse_sampler:
             raise ConfigError("sampler: refused for this test")
@@ -259,6 +270,22 @@ def test_a_run_the_sampler_refuses_fails_only_its_jobs():
     assert seeds_of(ok) == [1] and batcher.failing_runs == 0
 
 
+def test_a_turn_resolves_labels_with_its_model_and_the_answer_reports_them():
+    async def scenario():
+        model = GatedModel()
+        batcher = batcher_for(model, wait_s=0.05)
+        unconditional = GenerationJob(steps=4, sampler="dpmpp_2m", guidance_scale=1.0, eta=0.0, seeds=(5,),
+                                      unconditional=True)
+        results = await asyncio.gather(batcher.submit(job(2, 13)), batcher.submit(job(1, 40, labels=(4,))),
+                                       batcher.submit(unconditional), batcher.submit(job(1, 0, labels=(12,))))
+        return results, model
+
+    (drawn, given, null, refused), model = asyncio.run(scenario())
+    assert (drawn.labels, given.labels, null.labels) == ((3, 4), (4,), (-1,))
+    assert isinstance(refused, Failure) and refused.kind == "invalid" and "labels" in refused.message
+    assert model.run_labels == [[3, 4, 4, -1]]  # one run: every job was conditional once resolved
+
+
 # --------------------------------------------------------------------------------- request schema
 
 
@@ -287,10 +314,28 @@ def test_requests_outside_the_limits_are_refused_naming_the_field(fields: dict, 
     assert message in str(err.value)
 
 
+def test_unconditional_is_refused_beside_labels():
+    with pytest.raises(ValidationError, match="unconditional: accepted: true only without labels"):
+        request_model(SETTINGS).model_validate({"num_images": 1, "labels": [3], "unconditional": True})
+    assert request_model(SETTINGS).model_validate({"unconditional": True}).unconditional
+
+
 def test_a_valid_request_gets_the_server_defaults():
     fields = {"num_images": 2, "labels": [0, -1], "guidance_scale": 2}
     request = request_model(SETTINGS).model_validate(fields)
     assert (request.steps, request.sampler, request.guidance_scale) == (10, "dpmpp_2m", 2.0)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3", "serve.example.com"])
+def test_settings_refuse_a_non_loopback_host_without_an_api_key(host: str):
+    with pytest.raises(ValueError, match="api_key_env: required when host is not a loopback address"):
+        ServeSettings(host=host)
+    assert ServeSettings(host=host, api_key_env="SERVE_KEY").host == host
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "localhost"])
+def test_settings_accept_a_loopback_host_without_an_api_key(host: str):
+    assert ServeSettings(host=host).api_key_env is None
 
 
 def test_settings_refuse_a_queue_that_would_cap_batches():

@@ -56,12 +56,17 @@ def test_serve_settings_layer_serve_config_args_then_config_file_then_env_then_f
     assert deployed["http_options"]["port"] == 9001
 
 
-def test_packaged_serve_config_leaves_the_tracking_uri_to_mlflow(monkeypatch):
+def test_serve_looks_in_the_store_run_writes_while_the_packaged_config_leaves_it_to_mlflow(
+        tmp_path, monkeypatch):
     from flows.cli.context import CliContext
+    from serving import control
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    settings, _ = CliContext().serve_settings()
-    assert settings.tracking_uri is None and settings.max_images_per_batch == 32
+    monkeypatch.chdir(tmp_path)
+    settings, base = CliContext().serve_settings()
+    assert settings.tracking_uri == f"sqlite:///{tmp_path}/diffusion-pipeline-work/mlflow.db"
+    assert settings.model_name == "diffusion-digits" and settings.max_images_per_batch == 32
+    assert control.settings_fields(base)["tracking_uri"] is None  # `serve run`: MLflow's own default
 
 
 def test_the_serve_config_names_the_deployments_that_build_app_creates():
@@ -85,3 +90,32 @@ def test_the_http_front_end_loads_neither_torch_nor_the_model():
     root = Path(__file__).resolve().parent.parent
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+@pytest.fixture()
+def never_started(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test, instead of serving until interrupted, should `serve` get as far as starting."""
+    import flows.cli.serve as serve_module
+
+    def started(*args, **kwargs) -> None:
+        raise AssertionError("serve started Ray and the app")
+
+    monkeypatch.setattr(serve_module, "serve_until_interrupted", started)
+
+
+def test_serve_refuses_a_public_host_without_an_api_key(never_started):
+    """Before: `serve --host 0.0.0.0` served anyone who reached the port."""
+    result = CliRunner().invoke(app, ["serve", "--host", "0.0.0.0"])
+    assert isinstance(result.exception, ConfigError), result.exception
+    assert "api_key_env: required when host is not a loopback address" in str(result.exception)
+
+
+def test_serve_refuses_an_api_key_variable_that_is_not_set(never_started, monkeypatch):
+    monkeypatch.delenv("DIFFUSION_UNSET_SERVE_KEY", raising=False)
+    args = ["serve", "--host", "0.0.0.0", "--api-key-env", "DIFFUSION_UNSET_SERVE_KEY"]
+    result = CliRunner().invoke(app, args)
+    assert isinstance(result.exception, ConfigError), result.exception
+    assert "'DIFFUSION_UNSET_SERVE_KEY' is not set or empty" in str(result.exception)
+    monkeypatch.setenv("DIFFUSION_UNSET_SERVE_KEY", "a-key")
+    result = CliRunner().invoke(app, args)
+    assert isinstance(result.exception, AssertionError)  # it got as far as starting

@@ -14,17 +14,15 @@ from diffusion_core.data.manifest import DatasetManifest
 from diffusion_core.errors import CheckpointError, ConfigError
 from diffusion_core.guidance import NULL_LABEL
 from diffusion_core.objective import ObjectiveConfig
+from diffusion_core.seeds import Stream, derived_seed
 from diffusion_core.training import (
     TRAINING_STATE_DIR,
-    Stream,
     TrainConfig,
     TrainingDivergedError,
     TrainPlacement,
     TrainRecipe,
     TrainTracking,
-    batch_rows,
     build_train_state,
-    derived_seed,
     drop_labels,
     load_training_checkpoint,
     load_weights,
@@ -59,8 +57,9 @@ def fake_data(n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def run_steps(state, config: TrainConfig, images: torch.Tensor, labels: torch.Tensor, until: int) -> None:
+    """Steps on consecutive slices of the data (the order the workers read is tested elsewhere)."""
     while state.step < until:
-        rows = batch_rows(state.step, images.shape[0], config.batch_size, config.seed, rank=0)
+        rows = (state.step * config.batch_size + torch.arange(config.batch_size)) % images.shape[0]
         train_step(state, config, images[rows], labels[rows])
 
 
@@ -72,21 +71,6 @@ def test_lr_schedule_matches_warmup_and_cosine_closed_form() -> None:
     assert lr_factor(60, warmup, total, r) == pytest.approx(r + (1 - r) * 0.5)  # cos(pi/2) = 0
     assert lr_factor(35, warmup, total, r) == pytest.approx(r + (1 - r) * 0.5 * (1 + math.cos(math.pi / 4)))
     assert lr_factor(110, warmup, total, r) == pytest.approx(r)
-
-
-def test_each_epoch_is_a_seeded_permutation_of_the_shard() -> None:
-    num_rows, batch = 50, 8  # 6 full batches per epoch, 2 rows dropped
-    epoch0 = torch.cat([batch_rows(s, num_rows, batch, seed=3, rank=0) for s in range(6)])
-    epoch1 = torch.cat([batch_rows(s, num_rows, batch, seed=3, rank=0) for s in range(6, 12)])
-    assert len(set(epoch0.tolist())) == 48 and len(set(epoch1.tolist())) == 48
-    assert not torch.equal(epoch0, epoch1)
-    assert torch.equal(batch_rows(7, num_rows, batch, seed=3, rank=0), epoch1[8:16])
-    assert not torch.equal(batch_rows(0, num_rows, batch, seed=3, rank=1), epoch0[:8])
-
-
-def test_batch_larger_than_shard_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match="batch_size"):
-        batch_rows(0, num_rows=10, batch_size=16, seed=0, rank=0)
 
 
 def test_label_dropout_rate_is_p() -> None:
@@ -359,7 +343,8 @@ def test_default_run_names_are_unique_and_safe_and_bad_names_are_refused() -> No
 
 def test_sample_grid_is_what_the_saved_checkpoint_generates(tmp_path: Path) -> None:
     from diffusion_core.adapters.ray_train import sample_grid
-    from diffusion_core.images import make_grid, to_uint8
+    from diffusion_core.image_grids import readable_grid
+    from diffusion_core.images import to_uint8
 
     config = tiny_config(num_sample_images=10, sample_steps=2)
     images, labels = fake_data(64)
@@ -371,5 +356,58 @@ def test_sample_grid_is_what_the_saved_checkpoint_generates(tmp_path: Path) -> N
     path = save_training_checkpoint(tmp_path / "ckpt", state, config, spec)
     loaded = load_checkpoint(path, use_ema=True)
     expected = loaded.generate(10, steps=2, sampler=config.sampler, seeds=range(10), labels=list(range(10)))
-    assert grid.shape == (1 + 9, 1 + 10 * 9, 1)  # one row of ten 8x8 tiles, 1-pixel padding
-    assert (grid == make_grid(to_uint8(expected), nrow=10)).all()
+    # one column per class (image i has label i), each tile enlarged to 64 pixels, under a header
+    expected_grid = readable_grid(to_uint8(expected), labels=list(range(10)),
+                                  label_names=spec.data.label_names)
+    assert grid.shape == expected_grid.shape and grid.shape[1] == 2 + 10 * (64 + 2)
+    assert (grid == expected_grid).all()
+
+
+def test_mixed_precision_and_channels_last_are_off_on_cpu_by_default() -> None:
+    state = build_train_state(tiny_config())
+    assert state.autocast is None and state.memory_format == torch.contiguous_format
+
+
+@pytest.mark.parametrize("option", [{"precision": "bf16"}, {"channels_last": True},
+                                    {"precision": "bf16", "channels_last": True}])
+def test_cpu_train_step_with_each_execution_option(option: dict) -> None:
+    """Each option really changes how the step runs (seen inside the network), and the step's loss
+    stays that of the plain fp32 step on the same seeds (within bf16's 8-bit mantissa)."""
+    from diffusion_core.training import bf16_autocast_supported
+
+    config = tiny_config(**option)
+    bf16 = option.get("precision") == "bf16"
+    if bf16 and not bf16_autocast_supported(torch.device("cpu")):
+        with pytest.raises(ConfigError, match="precision"):
+            build_train_state(config)
+        return
+    images, labels = fake_data(16)
+    plain_state = build_train_state(tiny_config())
+    plain = train_step(plain_state, tiny_config(), images, labels)
+
+    state = build_train_state(config)
+    seen: dict[str, object] = {}
+
+    def record(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        seen["nhwc"] = inputs[0].is_contiguous(memory_format=torch.channels_last)
+        seen["dtype"] = output.dtype
+
+    conv = state.model.down[0].res.conv1
+    conv.register_forward_hook(record)
+    before = state.model.conv_out.weight.detach().clone()  # zero-initialised: the first step moves it
+    result = train_step(state, config, images, labels)
+    assert not result.skipped and not torch.equal(before, state.model.conv_out.weight)
+    assert seen["dtype"] == (torch.bfloat16 if bf16 else torch.float32)
+    channels_last = option.get("channels_last", False)
+    assert seen["nhwc"] == channels_last
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert result.loss == pytest.approx(plain.loss, rel=3e-2 if bf16 else 1e-5)
+
+
+def test_options_a_device_cannot_run_are_refused_naming_the_field() -> None:
+    meta = torch.device("meta")  # a device without autocast or NHWC convolution kernels
+    with pytest.raises(ConfigError, match="precision: bf16 autocast is not supported") as err:
+        build_train_state(tiny_config(precision="bf16"), meta)
+    assert "fp32" in err.value.hint
+    with pytest.raises(ConfigError, match="channels_last: not supported on meta"):
+        build_train_state(tiny_config(channels_last=True), meta)

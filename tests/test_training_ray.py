@@ -2,14 +2,16 @@
 
 Each TorchTrainer.fit() costs ~25 s of start-up, so every test combines several checks in few runs:
 - two workers, one injected worker failure, MLflow contents, checkpoints loadable by diffusion_core;
-- one worker, the whole run stopped and rerun under the same name: resumes, and ends with exactly
-  the weights of an uninterrupted in-process run of the same steps;
+- one worker, the whole run stopped and rerun under the same name: resumes from its checkpoint's step
+  and data position, and ends with exactly the weights of an uninterrupted in-process run of the
+  same steps on the same rows (the split in memory, in data_order's order);
 - two nodes of a local multi-node cluster, one worker on each.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import mlflow
@@ -22,14 +24,15 @@ from diffusion_core.checkpoint import load_checkpoint
 from diffusion_core.data.config import PrepareConfig
 from diffusion_core.data.prepare import prepare
 from diffusion_core.data.readers import read_split_table
+from diffusion_core.data_order import stream_row_indices
 from diffusion_core.errors import ConfigError
 from diffusion_core.training import (
     FaultInjection,
     TrainConfig,
-    batch_rows,
     build_train_state,
     read_training_step,
     train_step,
+    training_windows,
 )
 from diffusion_core.unet import UNetConfig
 
@@ -90,26 +93,28 @@ def test_two_workers_survive_a_failure_and_track_everything_in_mlflow(ray_local,
     losses = metric_history(result.run_id, "loss")
     assert losses[-1] < 0.7 * losses[0], losses
     assert {"lr", "grad_norm", "images_per_s", "nonfinite_steps"} <= set(run.data.metrics)
-    artifacts = [a.path for a in MlflowClient().list_artifacts(result.run_id, "samples")]
-    assert "samples/step_0000024.png" in artifacts
+    images = [a.path for a in MlflowClient().list_artifacts(result.run_id, "images")]
+    assert any(p.startswith("images/samples+step+24+") and p.endswith(".png") for p in images), images
     assert run.inputs.dataset_inputs[0].dataset.digest == loaded.spec.data.dataset_fingerprint[:36]
     assert Path(mlflow.get_experiment(run.info.experiment_id).artifact_location.removeprefix("file://")) \
         == Path(mlflow_store.artifact_root.removeprefix("file://"))
 
 
 def reference_weights(config: TrainConfig, dataset: str) -> dict[str, torch.Tensor]:
-    """The same training in this process, without Ray: the key-sorted train split, rank 0's batches."""
-    table, manifest = read_split_table(dataset, "train")
-    from diffusion_core.adapters.ray_data import decode_batch
+    """The same training in this process, without Ray or streaming: the whole train split in memory,
+    read in the order that data_order assigns to a single worker."""
+    from diffusion_core.adapters.ray_data import decode_batch, row_group_rows
 
-    order = sorted(range(table.num_rows), key=table.column("key").to_pylist().__getitem__)
+    table, manifest = read_split_table(dataset, "train")
     images, labels = decode_batch({c: table.column(c).to_numpy(zero_copy_only=False)
                                    for c in ("image", "label")}, manifest)
-    images, labels = images[order], labels[order]
+    windows = training_windows(config, math.prod(manifest.image_shape), row_group_rows(dataset, "train"),
+                               rank=0, world=1, start_step=0)
+    order = torch.from_numpy(stream_row_indices(windows))
     torch.set_num_threads(1)  # the worker's thread count (cpus_per_worker=1): same kernels, same sums
     state = build_train_state(config)
     while state.step < config.steps:
-        rows = batch_rows(state.step, images.shape[0], config.batch_size, config.seed, rank=0)
+        rows = order[state.step * config.batch_size : (state.step + 1) * config.batch_size]
         train_step(state, config, images[rows], labels[rows])
     return state.model.state_dict()
 

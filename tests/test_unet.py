@@ -141,7 +141,7 @@ def test_sample_output_does_not_depend_on_the_rest_of_the_batch(num_classes: int
     ("override", "field"),
     [
         ({"image_size": 4}, "image_size"),
-        ({"image_size": 128}, "image_size"),
+        ({"image_size": 512}, "image_size"),
         ({"image_size": 12, "channel_mult": (1, 2, 2, 2)}, "image_size"),
         ({"in_channels": 2}, "in_channels"),
         ({"base_channels": 12}, "base_channels"),
@@ -192,3 +192,55 @@ def test_unet_overfits_a_fixed_batch_on_the_eps_objective() -> None:
         losses.append(loss.item())
     assert losses[0] == pytest.approx(eps.pow(2).mean().item(), rel=1e-6)
     assert losses[-1] < 0.05 * losses[0]
+
+
+@pytest.mark.parametrize(("size", "mult", "attention"), [
+    (32, (1, 2, 2, 2), (16,)),  # Ho et al. 2020, CIFAR-10
+    (64, (1, 2, 3, 4), (16, 8)),  # Nichol & Dhariwal 2021, ImageNet 64
+    (256, (1, 1, 2, 2, 4, 4), (16,)),  # Ho et al. 2020, LSUN / CelebA-HQ
+    (48, (1, 2, 2, 2), (24,)),  # between tabulated sides: the smaller side's levels
+])
+def test_layout_follows_the_image_size(size: int, mult: tuple[int, ...], attention: tuple[int, ...]) -> None:
+    cfg = UNetConfig.for_image_size(size, 3, num_classes=7)
+    assert (cfg.image_size, cfg.in_channels, cfg.num_classes) == (size, 3, 7)
+    assert (cfg.channel_mult, cfg.attention_resolutions) == (mult, attention)
+    assert cfg.feature_sides()[-1] == size // 2 ** (len(mult) - 1)
+    assert UNetConfig.for_image_size(size, 3, base_channels=128).base_channels == 128
+
+
+def test_digits_default_is_the_layout_of_8_pixel_images() -> None:
+    assert UNetConfig.digits_default(10) == UNetConfig.for_image_size(8, 1, 10)
+    assert UNetConfig.digits_default(10).base_channels == 32
+
+
+@pytest.mark.parametrize("size", [4, 100, 512])
+def test_sizes_without_a_layout_are_refused_naming_image_size(size: int) -> None:
+    with pytest.raises(ConfigError, match="image_size"):
+        UNetConfig.for_image_size(size, 3)
+
+
+@pytest.mark.parametrize("size", [128, 256])
+def test_large_images_train_on_the_cpu_at_tiny_width(size: int) -> None:
+    """Shapes and gradients through every level at 128 and 256 pixels (base width 8), and two
+    training steps that change the weights."""
+    from diffusion_core.training import TrainConfig, build_train_state, train_step
+
+    unet = UNetConfig.for_image_size(size, 3, num_classes=3, base_channels=8, num_res_blocks=1)
+    model = UNet(unet)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, size, size, generator=gen)
+    out = model(x, torch.tensor([10, 900]), torch.tensor([0, 2]))
+    assert out.shape == x.shape
+    model.conv_out.weight.data.normal_(generator=gen)  # zero-initialised: open the path for gradients
+    model(x, torch.tensor([10, 900]), torch.tensor([0, 2])).pow(2).mean().backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
+    assert grads["conv_in.weight"].abs().sum() > 0  # reached the first layer through all levels
+
+    config = TrainConfig(dataset="unused", unet=unet, steps=2, warmup_steps=0, batch_size=2, lr=1e-3)
+    state = build_train_state(config)
+    before = state.model.conv_in.weight.detach().clone()
+    for _ in range(2):
+        result = train_step(state, config, x.clamp(-1, 1), torch.tensor([1, 2]))
+        assert not result.skipped and result.loss > 0
+    assert not torch.equal(before, state.model.conv_in.weight)

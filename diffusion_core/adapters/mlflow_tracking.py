@@ -21,26 +21,29 @@ import collections
 import logging
 import os
 import re
-import tempfile
 import threading
 import time
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from mlflow.data.dataset_source_registry import resolve_dataset_source
-from mlflow.data.meta_dataset import MetaDataset
-from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
+import numpy as np
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from diffusion_core.adapters.mlflow_store import (
+    dataset_name,
     ensure_experiment,
+    log_dataset,
+    log_image,
     resolve_tracking_uri,
     with_retries,
 )
 from diffusion_core.data.manifest import DatasetManifest
 from diffusion_core.errors import ConfigError
+from diffusion_core.image_grids import readable_grid
+from diffusion_core.images import to_uint8
 from diffusion_core.redact import redact_uri, strip_credentials
 from diffusion_core.training import RUN_NAME_PATTERN, TrainConfig
 
@@ -50,7 +53,6 @@ RUN_NAME_TAG = "ray.train.run_name"
 STORAGE_TAG = "ray.train.storage_path"
 CHECKPOINT_TAG = "checkpoint_path"
 FINGERPRINT_TAG = "dataset.fingerprint"
-MAX_DIGEST_CHARS = 36  # MLflow's dataset digest column
 MAX_BATCH = 100  # params per log_batch call (MLflow's limit); metrics allow 1000
 
 
@@ -130,23 +132,8 @@ def _log_params(client: MlflowClient, run_id: str, config: TrainConfig) -> None:
 
 def log_dataset_input(run_id: str, config: TrainConfig, manifest: DatasetManifest) -> None:
     """The prepared dataset as an MLflow input (context "training"), digest = its fingerprint."""
-    dataset = MetaDataset(
-        source=dataset_source(redact_uri(config.dataset)),
-        name=Path(config.dataset.rstrip("/")).name or "dataset",
-        digest=manifest.fingerprint[:MAX_DIGEST_CHARS],
-    )
-    tags = [InputTag("mlflow.data.context", "training"), InputTag("fingerprint", manifest.fingerprint)]
-    _client(config).log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags)])
-
-
-def dataset_source(uri: str):
-    """A local path as a local source (MLflow's resolver finds two equal candidates and warns);
-    URIs through MLflow's resolver (s3://, gs://, ...)."""
-    if "://" not in uri:
-        from mlflow.data.sources import LocalArtifactDatasetSource
-
-        return LocalArtifactDatasetSource(str(Path(uri).expanduser().resolve()))
-    return resolve_dataset_source(uri)
+    log_dataset(_client(config), run_id, name=dataset_name(config.dataset),
+                source_uri=redact_uri(config.dataset), fingerprint=manifest.fingerprint, context="training")
 
 
 def finish_run(config: TrainConfig, run_id: str, checkpoint_path: str | None, failed: bool = False) -> None:
@@ -172,19 +159,74 @@ def _credentials_to_environment(tracking_uri: str) -> str:
     return strip_credentials(tracking_uri)
 
 
+def log_sample_grid(tracking_uri: str | None, run_id: str, images: Any, labels: Sequence[int] | None,
+                    label_names: Sequence[str] | None, key: str, step: int) -> None:
+    """Samples ((N, C, H, W) floats in [0, 1]) as a readable grid (image_grids.readable_grid: one
+    column per label) at step `step` of the run's image series `key`. Best effort: a picture is not
+    worth failing the caller for, so an error becomes a warning."""
+    labels = None if labels is None else [int(v) for v in labels]
+    grid = readable_grid(to_uint8(images), labels=labels, label_names=label_names)
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
+    try:
+        with_retries(lambda: log_image(client, run_id, grid, key, step), "log_image")
+    except (MlflowException, OSError) as err:
+        logger.warning("MLflow: the %r grid of run %s was not logged (%s)", key, run_id, type(err).__name__)
+
+
+LOG_INTERVAL_S = 2.0  # the most wall time between two points of the training curves
+
+
+class LogCadence:
+    """When rank 0 records a point of the training curves: every `every_steps` steps and at
+    `last_step` (points a reader finds again by step number), and in between whenever
+    `interval_s` of wall time has passed since the previous point. A slow model still draws a
+    curve with a point every few seconds; a fast one adds at most one point per interval."""
+
+    def __init__(self, every_steps: int, last_step: int, interval_s: float = LOG_INTERVAL_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.every_steps, self.last_step, self.interval_s = every_steps, last_step, interval_s
+        self._clock = clock
+        self._previous = clock()
+
+    def on_schedule(self, step: int) -> bool:
+        """A step of the fixed schedule (every_steps, last_step)."""
+        return step % self.every_steps == 0 or step == self.last_step
+
+    def due(self, step: int) -> bool:
+        """Whether to record a point after `step`; True restarts the interval."""
+        now = self._clock()
+        if self.on_schedule(step) or now - self._previous >= self.interval_s:
+            self._previous = now
+            return True
+        return False
+
+
+def last_logged_step(client: MlflowClient, run_id: str) -> int:
+    """The highest step in the run's metric histories (-1 if none). System metrics are left out:
+    they count their own samples, not training steps."""
+    keys = [key for key in client.get_run(run_id).data.metrics if not key.startswith("system/")]
+    return max((m.step for key in keys for m in client.get_metric_history(run_id, key)), default=-1)
+
+
 class RankZeroTracker:
-    """Rank 0's handle on the run: metrics per step, PNG sample grids, tags, system metrics.
+    """Rank 0's handle on the run: metrics per step, sample grids as MLflow's time-stepped images
+    (the UI shows them with a step slider), tags, system metrics.
 
     Best effort: no call blocks training or raises because the tracking server is slow or down.
     Each call queues its record and returns; a background thread sends the queue. When a send
     fails the records stay queued (at most MAX_QUEUED_METRICS metrics, oldest dropped first, and
-    MAX_QUEUED_FILES grids), one warning names the outage, and the thread retries with backoff
-    (RETRY_INITIAL_S doubling up to RETRY_MAX_S). `close` waits up to `close_timeout_s` for the
-    queue to drain and warns about whatever it could not send.
+    MAX_QUEUED_CALLS images and tag sets), one warning names the outage, and the thread retries with
+    backoff (RETRY_INITIAL_S doubling up to RETRY_MAX_S). `close` waits up to `close_timeout_s` for
+    the queue to drain and warns about whatever it could not send.
+
+    One value per step: a resumed run (a retried worker group, or the same run name started again)
+    repeats the steps between its last checkpoint and the interruption. Before its first send the
+    thread reads the highest step the run already holds (`last_logged_step`), and records of steps
+    up to it are not sent again.
     """
 
     MAX_QUEUED_METRICS = 100_000
-    MAX_QUEUED_FILES = 32
+    MAX_QUEUED_CALLS = 32
     METRICS_PER_CALL = 1000  # MLflow's log_batch limit
     RETRY_INITIAL_S = 1.0
     RETRY_MAX_S = 60.0
@@ -196,8 +238,10 @@ class RankZeroTracker:
         self.where = redact_uri(tracking_uri)
         self.close_timeout_s = close_timeout_s
         self._metrics: collections.deque[Metric] = collections.deque()
-        self._calls: collections.deque[tuple[str, Callable[[], None]]] = collections.deque()  # tags, files
-        self._dropped = 0
+        # (kind, step or None, call): images and tag sets, sent in order after the queued metrics
+        self._calls: collections.deque[tuple[str, int | None, Callable[[], None]]] = collections.deque()
+        self._logged_through: int | None = None  # read by the sender before its first send
+        self._dropped = self._repeated = 0
         self._failing = False
         self._closing = False
         self._wakeup = threading.Condition()
@@ -215,23 +259,14 @@ class RankZeroTracker:
             self._dropped += max(overflow, 0)
             self._wakeup.notify()
 
-    def log_png(self, png: bytes, artifact_path: str, filename: str) -> None:
-        def upload() -> None:
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / filename
-                path.write_bytes(png)
-                self.client.log_artifact(self.run_id, str(path), artifact_path)
-
-        with self._wakeup:
-            if sum(kind == "file" for kind, _ in self._calls) >= self.MAX_QUEUED_FILES:
-                logger.warning("MLflow tracking: %d sample grids already waiting; dropping %s",
-                               self.MAX_QUEUED_FILES, filename)
-                return
-        self._enqueue("file", upload)
+    def log_image(self, image: np.ndarray, key: str, step: int) -> None:
+        """`image` (uint8 (H, W, C), C in 1, 3, 4) as step `step` of the run's image series `key`."""
+        timestamp = int(time.time() * 1000)
+        self._enqueue("image", step, lambda: log_image(self.client, self.run_id, image, key, step, timestamp))
 
     def set_tags(self, tags: dict[str, str]) -> None:
         run_tags = [RunTag(k, str(v)) for k, v in tags.items()]
-        self._enqueue("tags", lambda: self.client.log_batch(self.run_id, tags=run_tags))
+        self._enqueue("tags", None, lambda: self.client.log_batch(self.run_id, tags=run_tags))
 
     def close(self) -> None:
         """Stop system metrics, send what is queued (up to close_timeout_s), end the sender. The
@@ -247,15 +282,22 @@ class RankZeroTracker:
         self._sender.join(self.close_timeout_s + 1.0)
         with self._wakeup:
             unsent = len(self._metrics) + len(self._calls)
+        if self._repeated:
+            logger.info("MLflow tracking: %d records of steps the run had logged before (resumed run) "
+                        "were not logged again", self._repeated)
         if unsent or self._dropped:
             logger.warning("MLflow tracking at %s: %d records not sent and %d metrics dropped; the run's "
                            "history has gaps", self.where, unsent, self._dropped)
 
     # ------------------------------------------------------------------------------ the sender
 
-    def _enqueue(self, kind: str, call: Callable[[], None]) -> None:
+    def _enqueue(self, kind: str, step: int | None, call: Callable[[], None]) -> None:
         with self._wakeup:
-            self._calls.append((kind, call))
+            if len(self._calls) >= self.MAX_QUEUED_CALLS:
+                logger.warning("MLflow tracking: %d records already waiting; dropping this %s",
+                               self.MAX_QUEUED_CALLS, kind)
+                return
+            self._calls.append((kind, step, call))
             self._wakeup.notify()
 
     def _send_loop(self) -> None:
@@ -285,13 +327,16 @@ class RankZeroTracker:
 
     def _send_next(self) -> bool:
         """Send one batch of metrics or one queued call; False (and it stays queued) on failure."""
-        with self._wakeup:
-            batch = list(self._metrics)[: self.METRICS_PER_CALL]
-            call = None if batch else self._calls[0][1]
         try:
+            if self._logged_through is None:
+                self._logged_through = last_logged_step(self.client, self.run_id)
+            with self._wakeup:
+                self._drop_repeated_steps()
+                batch = list(self._metrics)[: self.METRICS_PER_CALL]
+                call = None if batch or not self._calls else self._calls[0][2]
             if batch:
                 self.client.log_batch(self.run_id, metrics=batch)
-            else:
+            elif call is not None:
                 call()
         except Exception as err:  # noqa: BLE001 - any failure of the tracker must not reach training
             if not self._failing:
@@ -308,6 +353,17 @@ class RankZeroTracker:
             logger.warning("MLflow tracking at %s reachable again; sending the queued records", self.where)
             self._failing = False
         return True
+
+    def _drop_repeated_steps(self) -> None:
+        """Forget queued records of steps the run held before this tracker started (call with the
+        lock held). Only the queue heads are checked: steps only grow within one tracker."""
+        through = self._logged_through if self._logged_through is not None else -1
+        while self._metrics and self._metrics[0].step <= through:
+            self._metrics.popleft()
+            self._repeated += 1
+        while self._calls and self._calls[0][1] is not None and self._calls[0][1] <= through:
+            self._calls.popleft()
+            self._repeated += 1
 
     def _start_system_metrics(self, interval_s: float | None):
         """MLflow's system-metrics sampler on this run (the class `start_run(log_system_metrics=True)`

@@ -50,16 +50,18 @@ def ray_is_reachable(address: str | None = None) -> bool:
     return ray.is_initialized() or cluster_address(address) is not None
 
 
-def connect_ray(address: str | None = None, **start_options: Any) -> RayConnection:
-    """Connect to Ray by the module's rule. `start_options` (e.g. `num_cpus`, `include_dashboard`)
-    are passed to `ray.init` only when this call starts the cluster."""
+def connect_ray(address: str | None = None, log_to_driver: bool = True,
+                **start_options: Any) -> RayConnection:
+    """Connect to Ray by the module's rule. `log_to_driver`: whether the output of this driver's
+    tasks and actors is copied to its stderr. `start_options` (e.g. `num_cpus`,
+    `include_dashboard`) are passed to `ray.init` only when this call starts the cluster."""
     if ray.is_initialized():
         return RayConnection("reused")
     target = cluster_address(address)
     if target is not None:
-        ray.init(address=target, configure_logging=False)
+        ray.init(address=target, configure_logging=False, log_to_driver=log_to_driver)
         return RayConnection("connected")
-    ray.init(address="local", configure_logging=False, **start_options)
+    ray.init(address="local", configure_logging=False, log_to_driver=log_to_driver, **start_options)
     return RayConnection("started")
 
 

@@ -1,23 +1,25 @@
 """Distributed training with Ray Train (V2 API): TorchTrainer wiring and the per-worker loop.
 
 Driver (`run_training`): validate the config against the dataset manifest, open the MLflow run, build
-ScalingConfig / RunConfig from the TrainConfig, read the training split with Ray Data and call
-`TorchTrainer.fit()`. Ray Train V2 resumes by itself in two cases: after a worker failure (up to
-`max_failures`) and when a run with the same `RunConfig(name, storage_path)` is started again
-(its checkpoint manager snapshot lives under storage_path/name); in both cases
-`ray.train.get_checkpoint()` returns the latest checkpoint inside the loop.
+ScalingConfig / RunConfig from the TrainConfig and call `TorchTrainer.fit()`. Ray Train V2 resumes by
+itself in two cases: after a worker failure (up to `max_failures`) and when a run with the same
+`RunConfig(name, storage_path)` is started again (its checkpoint manager snapshot lives under
+storage_path/name); in both cases `ray.train.get_checkpoint()` returns the latest checkpoint inside
+the loop.
 
-Worker (`train_loop_per_worker`): take this worker's Ray Data shard into memory (decoded tensors,
-sorted by content key so that the order does not depend on how Ray Data delivered the blocks), wrap
-the model with DDP (gloo on CPU, NCCL on GPU), and run `diffusion_core.training.train_step` from the
-checkpoint's step to `config.steps`. Every `checkpoint_every` steps and at the end, rank 0 writes
-the checkpoint and every rank calls `ray.train.report` (a barrier).
+Worker (`train_loop_per_worker`): restore the checkpoint, wrap the model with DDP (gloo on CPU, NCCL
+on GPU), and run `diffusion_core.training.train_step` from the checkpoint's step to `config.steps`
+on batches streamed through Ray Data (`ray_data.stream_batches`). Every `checkpoint_every` steps and
+at the end, rank 0 writes the checkpoint and every rank calls `ray.train.report` (a barrier).
 
-Why the shard is held in memory: Ray Data's streaming split assigns blocks to workers dynamically,
-so neither a shard's rows nor their order is reproducible across attempts, and starting a new Ray
-Data epoch costs about a second, which dominates small-image training. Holding the decoded shard and
-drawing epochs as permutations seeded by (seed, rank, epoch) makes the data position a function of
-the step: with one worker a resumed run sees exactly the batches of an uninterrupted one.
+Why each worker builds its own stream instead of taking a `streaming_split` shard of a Trainer
+dataset: the split assigns blocks to workers dynamically, so neither a shard's rows nor their order
+would be reproducible across attempts, and every Ray Data epoch restarts the pipeline (one to three
+seconds on a 2-core machine, more than a small dataset's epoch of training). The worker's stream
+instead reads the windows that `data_order` assigns to its rank for the whole run, in segments of
+bounded size (ray_data.stream_batches): the rows of step s are a function of (seed, rank,
+num_workers, s), and a resumed run reads exactly the batches an uninterrupted one would, on any
+number of workers. Nothing holds the shard: at most two segments of stored bytes are in flight.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import math
 import tempfile
 import time
 import uuid
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,23 +48,24 @@ from diffusion_core.checkpoint import DataSpec, LoadedModel, ModelSpec
 from diffusion_core.class_prior import class_prior
 from diffusion_core.data.manifest import DatasetManifest, read_manifest
 from diffusion_core.errors import CheckpointError, ConfigError
-from diffusion_core.images import encode_png, make_grid, to_uint8
+from diffusion_core.image_grids import readable_grid
+from diffusion_core.images import to_uint8
 from diffusion_core.training import (
     TrainConfig,
     TrainingDivergedError,
     TrainState,
-    batch_rows,
     build_train_state,
-    data_position,
     load_training_checkpoint,
     load_weights,
     save_training_checkpoint,
     train_step,
+    training_windows,
 )
 
 logger = logging.getLogger(__name__)
 
 TRAIN_SPLIT = "train"
+SAMPLES_IMAGE_KEY = "samples"  # the MLflow image series of the training run's sample grids
 
 
 @dataclass(frozen=True)
@@ -138,15 +142,12 @@ def _finish(config: TrainConfig, run_id: str, run_name: str, result: ray.train.R
 
 def build_trainer(config: TrainConfig, run_name: str, storage_path: str,
                   loop_config: dict[str, Any]) -> TorchTrainer:
-    from diffusion_core.adapters.ray_data import read_split
-
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=scaling_config(config),
         run_config=run_config(config, run_name, storage_path),
         torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
-        datasets={TRAIN_SPLIT: read_split(config.dataset, TRAIN_SPLIT)},
     )
 
 
@@ -210,11 +211,8 @@ def model_spec_for(config: TrainConfig, manifest: DatasetManifest) -> ModelSpec:
 
 def check_cluster_resources(config: TrainConfig) -> None:
     """Refuse requests the cluster cannot meet instead of letting fit() wait forever: GPUs that
-    are not there, and workers that reserve every CPU. Ray Data reads the dataset with CPU tasks
-    that would then never start: in Ray 2.60 the file-listing task of read_parquet takes a whole CPU
-    whatever `ray_remote_args` the read tasks get, and Ray Data's budget excludes the workers' CPUs
-    (a 1-worker run reserving both CPUs of a 2-CPU Ray, with the reads at num_cpus=0, hung at
-    ListFiles)."""
+    are not there, and workers that reserve every CPU. Each worker's Ray Data pipeline reads its
+    windows with CPU tasks (one CPU each), which would then never start."""
     resources = ray.cluster_resources()
     if config.use_gpu:
         gpus, needed = resources.get("GPU", 0.0), config.num_workers * config.gpus_per_worker
@@ -249,39 +247,37 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         torch.set_num_threads(max(1, math.floor(config.cpus_per_worker)))
     device = ray.train.torch.get_device()
     manifest = DatasetManifest.model_validate(loop_config["manifest"])
-    images, labels = load_shard(manifest, device, has_labels=spec.unet.num_classes is not None)
     state = build_train_state(config, device)
     start_step = restore_state(state, config)
+    batches = worker_batches(config, manifest, rank, world, start_step, device)
     model = ray.train.torch.prepare_model(state.model)
     if config.compile:
         model = torch.compile(model)
     node_ids = _gather_node_ids(world)
     tracker = _open_tracker(loop_config, rank)
-    loop = _WorkerLoop(config, spec, state, model, images, labels, rank, world, tracker)
+    has_labels = spec.unet.num_classes is not None
+    loop = _WorkerLoop(config, spec, state, model, batches, has_labels, manifest.counts[TRAIN_SPLIT], rank,
+                       world, tracker)
     try:
         loop.run(start_step, node_ids)
     finally:
+        batches.close()  # stops this worker's Ray Data pipeline
         if tracker is not None:
             tracker.close()
 
 
-def load_shard(manifest: DatasetManifest, device: torch.device,
-               has_labels: bool) -> tuple[Tensor, Tensor | None]:
-    """This worker's part of the training split as (N, C, H, W) float32 in [-1, 1] and (N,) int64
-    labels (None for an unlabelled dataset), sorted by content key."""
-    from diffusion_core.adapters.ray_data import decode_batch
+def worker_batches(config: TrainConfig, manifest: DatasetManifest, rank: int, world: int, start_step: int,
+                   device: torch.device) -> Generator[tuple[Tensor, Tensor], None, None]:
+    """Worker `rank`'s batches from step `start_step` to the end of the run, streamed (data_order)."""
+    from diffusion_core.adapters.ray_data import row_group_rows, stream_batches
 
-    shard = ray.train.get_dataset_shard(TRAIN_SPLIT)
-    images, labels, keys = [], [], []
-    for batch in shard.iter_batches(batch_size=4096, batch_format="numpy"):
-        keys.extend(batch["key"].tolist())
-        batch_images, batch_labels = decode_batch(batch, manifest)
-        images.append(batch_images)
-        labels.append(batch_labels)
-    order = torch.tensor(sorted(range(len(keys)), key=keys.__getitem__), dtype=torch.long)
-    logger.info("worker shard: %d training images", len(keys))
-    all_labels = torch.cat(labels)[order].to(device) if has_labels else None
-    return torch.cat(images)[order].to(device), all_labels
+    image_bytes = math.prod(manifest.image_shape)
+    windows = training_windows(config, image_bytes, row_group_rows(config.dataset, TRAIN_SPLIT), rank, world,
+                               start_step)
+    logger.info("worker %d: %d windows from step %d (%d training images in the split)", rank, len(windows),
+                start_step, manifest.counts[TRAIN_SPLIT])
+    return stream_batches(config.dataset, TRAIN_SPLIT, windows, manifest,
+                          batch_size=config.per_worker_batch_size, device=device)
 
 
 def restore_state(state: TrainState, config: TrainConfig) -> int:
@@ -315,6 +311,12 @@ def _open_tracker(loop_config: dict[str, Any], rank: int):
     return RankZeroTracker(loop_config["tracking_uri"], loop_config["run_id"])
 
 
+def _log_cadence(config: TrainConfig):
+    from diffusion_core.adapters.mlflow_tracking import LogCadence
+
+    return LogCadence(config.log_every, config.steps)
+
+
 def _reduce_mean(world: int):
     def reduce(t: Tensor) -> Tensor:
         if world > 1:
@@ -330,11 +332,12 @@ class _WorkerLoop:
     """Steps, periodic logging, sample grids and checkpoint reports of one worker."""
 
     def __init__(self, config: TrainConfig, spec: ModelSpec, state: TrainState, model: torch.nn.Module,
-                 images: Tensor, labels: Tensor | None, rank: int, world: int, tracker) -> None:
+                 batches: Iterator[tuple[Tensor, Tensor]], has_labels: bool, train_rows: int, rank: int,
+                 world: int, tracker) -> None:
         self.config, self.spec, self.state, self.model = config, spec, state, model
-        self.images, self.labels = images, labels
+        self.batches, self.has_labels, self.train_rows = batches, has_labels, train_rows
         self.rank, self.world, self.tracker = rank, world, tracker
-        self.batch_size = config.per_worker_batch_size
+        self.cadence = _log_cadence(config) if tracker is not None else None
         self.window_losses: list[float] = []
         self.window_start = time.perf_counter()
         self.window_step = 0
@@ -353,34 +356,39 @@ class _WorkerLoop:
             self._after_step(result)
 
     def _step(self):
-        rows = batch_rows(self.state.step, self.images.shape[0], self.batch_size, self.config.seed, self.rank)
-        labels = self.labels[rows] if self.labels is not None else None
-        return train_step(self.state, self.config, self.images[rows], labels, rank=self.rank,
-                          reduce_mean=_reduce_mean(self.world), model=self.model)
+        images, labels = next(self.batches)
+        return train_step(self.state, self.config, images, labels if self.has_labels else None,
+                          rank=self.rank, reduce_mean=_reduce_mean(self.world), model=self.model)
 
     def _after_step(self, result) -> None:
         step, config = self.state.step, self.config
-        if not result.skipped:
-            self.window_losses.append(result.loss)
-        if step % config.log_every == 0 or step == config.steps:
-            self._log(result)
+        if self.tracker is not None:
+            self._record(result)
         # The checkpoint first: a failure while sampling must not lose the step.
         if step % config.checkpoint_every == 0 or step == config.steps:
             self._checkpoint()
         if (config.sample_every and step % config.sample_every == 0) or step == config.steps:
             self._log_samples()
 
-    def _log(self, result) -> None:
+    def _record(self, result) -> None:
+        """Rank 0: a point of the training curves whenever the cadence says so (LogCadence: every
+        log_every steps, the last step, and at least every few seconds); a text line on schedule."""
+        if not result.skipped:
+            self.window_losses.append(result.loss)
+        if self.cadence.due(self.state.step):
+            self._log(result, announce=self.cadence.on_schedule(self.state.step))
+
+    def _log(self, result, announce: bool) -> None:
         now = time.perf_counter()
         steps = self.state.step - self.window_step
         images_per_s = steps * self.config.batch_size / max(now - self.window_start, 1e-9)
         loss = sum(self.window_losses) / len(self.window_losses) if self.window_losses else float("nan")
         eta = (self.config.steps - self.state.step) * self.config.batch_size / max(images_per_s, 1e-9)
-        if self.tracker is not None:
-            self.tracker.log_metrics({
-                "loss": loss, "lr": result.lr, "grad_norm": result.grad_norm,
-                "images_per_s": images_per_s, "nonfinite_steps": float(self.state.nonfinite_total),
-            }, step=self.state.step)
+        self.tracker.log_metrics({
+            "loss": loss, "lr": result.lr, "grad_norm": result.grad_norm,
+            "images_per_s": images_per_s, "nonfinite_steps": float(self.state.nonfinite_total),
+        }, step=self.state.step)
+        if announce:
             logger.info("step %d/%d  loss %.4f  %.0f images/s  ETA %.0fs", self.state.step,
                         self.config.steps, loss, images_per_s, eta)
         self.window_losses, self.window_start, self.window_step = [], now, self.state.step
@@ -389,14 +397,14 @@ class _WorkerLoop:
         if self.tracker is None:
             return
         grid = sample_grid(self.state, self.spec, self.config)
-        self.tracker.log_png(encode_png(grid), "samples", f"step_{self.state.step:07d}.png")
+        self.tracker.log_image(grid, key=SAMPLES_IMAGE_KEY, step=self.state.step)
 
     def _metrics(self, diverged: bool = False) -> dict[str, Any]:
-        pos = data_position(self.state.step, max(1, self.images.shape[0] // self.batch_size))
         elapsed = time.perf_counter() - self.loop_start
         return {
-            "step": self.state.step, "start_step": self.start_step, "epoch": pos.epoch,
-            "batch_index": pos.batch_index, "nonfinite_total": self.state.nonfinite_total,
+            "step": self.state.step, "start_step": self.start_step,
+            "epochs": self.state.step * self.config.batch_size / self.train_rows,
+            "nonfinite_total": self.state.nonfinite_total,
             "nonfinite_streak": self.state.nonfinite_streak, "diverged": diverged,
             "world_size": self.world, "worker_node_ids": self.node_ids,
             "train_seconds": elapsed,
@@ -427,11 +435,13 @@ class _WorkerLoop:
 
 def sample_grid(state: TrainState, spec: ModelSpec, config: TrainConfig) -> Any:
     """A uint8 (H, W, C) grid of samples from the EMA weights, generated as a loaded checkpoint would
-    (LoadedModel.generate: same sampler call and value-range mapping). Class-conditional models get
-    label i % num_classes for image i, so each column of the grid is one class."""
+    (LoadedModel.generate: same sampler call and value-range mapping), enlarged to be readable
+    (image_grids.readable_grid). Class-conditional models get label i % num_classes for image i:
+    one column per class, under the class's name."""
     loaded = LoadedModel(state.ema.averaged_model(state.model), spec, weights="ema")
     n, num_classes = config.num_sample_images, spec.unet.num_classes
     labels = torch.arange(n) % num_classes if num_classes else None
     images = loaded.generate(n, steps=config.sample_steps, sampler=config.sampler,
                              seeds=list(range(n)), labels=labels)
-    return make_grid(to_uint8(images), nrow=num_classes or 8)
+    return readable_grid(to_uint8(images), labels=None if labels is None else labels.tolist(),
+                         label_names=spec.data.label_names)

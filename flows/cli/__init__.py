@@ -1,28 +1,31 @@
 """`diffusion-pipeline`: one console script, one subcommand module per stage.
 
 Each module in `SUBCOMMANDS` defines `register(app: typer.Typer) -> None`; the options given before
-the subcommand reach every command as typer's `ctx.obj` (`flows.cli.context.CliContext`). Errors that
-users can act on (`DiffusionPipelineError`) print as one line plus a hint; `--debug` shows the
-traceback.
+the subcommand reach every command as typer's `ctx.obj` (`flows.cli.context.CliContext`). What the
+terminal shows is decided in `flows.cli.console` (`--verbose`, `--debug`). Errors that users can act
+on (`DiffusionPipelineError`) print as one line plus a hint; `--debug` shows the traceback. Ctrl-C
+stops the command's stages, says so and exits with 130.
 """
 
 from __future__ import annotations
 
+import gc
 import importlib
-import logging
 import sys
 from pathlib import Path
 
 import typer
 
 from diffusion_core.errors import DiffusionPipelineError
+from flows.cli.console import Verbosity, configure_console
 from flows.cli.context import CliContext, cli_context
 from flows.config import CONFIG_ENV
 
 SUBCOMMANDS = (
     "prepare", "train", "evaluate", "register", "promote", "rollback",
-    "serve", "generate", "schedule", "run",
+    "serve", "generate", "schedule", "run", "config",
 )
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, what shells report for a command stopped by Ctrl-C
 
 app = typer.Typer(
     name="diffusion-pipeline",
@@ -42,14 +45,17 @@ def _global(
         "subcommand. MLFLOW_TRACKING_URI and RAY_ADDRESS override it; flags override both.",
         envvar=CONFIG_ENV,
     ),
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks and debug logs."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show the INFO logs of Ray, "
+                                 "Prefect and MLflow and the output of Ray workers."),
+    debug: bool = typer.Option(False, "--debug", help="Show debug logs of everything and full tracebacks."),
 ) -> None:
+    from typer._click.core import ParameterSource  # typer 0.29 vendors its click
+
     context = cli_context(ctx)
-    context.config, context.debug = config, debug
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    context.config = config
+    context.config_from_flag = ctx.get_parameter_source("config") is ParameterSource.COMMANDLINE
+    context.verbosity = Verbosity.DEBUG if debug else Verbosity.VERBOSE if verbose else Verbosity.DEFAULT
+    configure_console(context.verbosity)
 
 
 def _register_all() -> None:
@@ -73,9 +79,8 @@ def main(argv: list[str] | None = None) -> None:
         if err.hint:
             typer.secho(f"hint: {err.hint}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        typer.secho("interrupted", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt:  # typer turns Ctrl-C inside a command into exit code 130 (below)
+        code = INTERRUPTED_EXIT_CODE
     except ClickException as err:  # usage errors: click's own message and code
         err.show()
         sys.exit(err.exit_code)
@@ -84,8 +89,36 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as err:  # the CLI's last line of defence
         if context.debug:
             raise
-        typer.secho(f"error: {type(err).__name__}: {err}", fg=typer.colors.RED, err=True)
-        typer.secho("hint: rerun with --debug for the full traceback", err=True)
+        _report_unexpected(err)
         sys.exit(1)
     # standalone_mode=False returns typer.Exit codes instead of exiting.
+    if code == INTERRUPTED_EXIT_CODE and not context.interruption_reported:
+        typer.secho("interrupted", err=True)
+    # Interpreter shutdown would end with garbage collections over everything Ray, MLflow, Prefect and
+    # torch loaded: seconds to minutes on a busy machine, after the command has done its work and its
+    # cleanup. Frozen objects are left out of those collections.
+    gc.freeze()
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _report_unexpected(err: Exception) -> None:
+    """One line for an error nobody anticipated; a refused connection says which server is missing."""
+    url = _refused_url(err)
+    if url is not None:
+        typer.secho(f"error: no server answers at {url}", fg=typer.colors.RED, err=True)
+        typer.secho("hint: start the endpoint with `diffusion-pipeline serve` (in the folder where "
+                    "`run` ran), or pass the URL of a running one", err=True)
+        return
+    typer.secho(f"error: {type(err).__name__}: {err}", fg=typer.colors.RED, err=True)
+    typer.secho("hint: rerun with --debug for the full traceback", err=True)
+
+
+def _refused_url(err: BaseException) -> str | None:
+    """The address of an HTTP request that found no server (httpx.ConnectError), else None."""
+    if type(err).__name__ != "ConnectError" or "httpx" not in type(err).__module__:
+        return None
+    try:
+        url = err.request.url  # type: ignore[attr-defined]
+    except RuntimeError:  # an httpx error raised without its request
+        return "the server's address"
+    return f"{url.scheme}://{url.netloc.decode()}"

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from diffusion_core.atomic_io import atomic_write_text
 from diffusion_core.metrics import EvalConfig, EvalResult
-from flows.cli.context import CliContext, cli_context, help_with_default
+from flows.cli.context import WORK_DIR_HELP, CliContext, cli_context, help_with_default
 
 
 def _help(field: str, text: str) -> str:
@@ -42,6 +42,8 @@ def evaluate_command(
     seed: int | None = typer.Option(None, help=_help("seed", "Seed of image 0 (image i uses seed + i).")),
     guidance_scale: float | None = typer.Option(None, help=_help("guidance_scale", "CFG scale.")),
     output: Path | None = typer.Option(None, "--output", "-o", help="Also write the result as JSON here."),
+    work_dir: str | None = typer.Option(None, "--work-dir", help=WORK_DIR_HELP + " Where models:/ "
+                                        "checkpoints are looked up."),
 ) -> None:
     """Generate samples from CHECKPOINT and report FD, precision/recall and class statistics."""
     from diffusion_core.checkpoint import load_checkpoint
@@ -49,7 +51,7 @@ def evaluate_command(
 
     context = cli_context(ctx)
     config = context.eval_config(eval_overrides(num_samples, steps, sampler, seed, guidance_scale))
-    with _checkpoint_directory(checkpoint, context) as directory:
+    with _checkpoint_directory(checkpoint, context, work_dir) as directory:
         loaded = load_checkpoint(directory, use_ema=config.use_ema, device=config.device)
     result = evaluate_model(loaded, reference_from_dataset(dataset), config)
     print_result(result)
@@ -57,14 +59,15 @@ def evaluate_command(
         atomic_write_text(output, json.dumps(result.model_dump(mode="json"), indent=2) + "\n")
 
 
-def _checkpoint_directory(checkpoint: str, context: CliContext) -> AbstractContextManager[Path]:
+def _checkpoint_directory(checkpoint: str, context: CliContext,
+                          work_dir: str | None) -> AbstractContextManager[Path]:
     """The checkpoint as a local directory: the user's own path (never deleted), or a registry
     version downloaded for as long as it takes to load it."""
     if not checkpoint.startswith("models:/"):
         return nullcontext(Path(checkpoint))
     from flows.checkpoints import registry_checkpoint
 
-    return registry_checkpoint(checkpoint, context.registry_config().tracking_uri)
+    return registry_checkpoint(checkpoint, context.registry_config({"work_dir": work_dir}).tracking_uri)
 
 
 def print_result(result: EvalResult) -> None:

@@ -1,5 +1,10 @@
 """`diffusion-pipeline generate --url URL -n 16 --out DIR`: ask a running server for images and
-write them as PNGs (image_<i>_seed<seed>.png) plus grid.png.
+write them as PNGs (image_<i>_seed<seed>.png) plus grid.png, enlarged so that small images are
+readable.
+
+Any number of images: the job is split into requests within the server's per-request limits
+(`AsyncGenerationClient.generate_many`: image i uses seed + i whichever request carries it), sent a
+few at a time, with a progress bar (images, rate, ETA). Answers 503 are retried with backoff.
 
 The API key is a secret, so it never travels on the command line (where `ps` and shell history
 show it): it is read from `--api-key-file`, else from the environment variable named by the
@@ -8,13 +13,22 @@ config's `serve.api_key_env`.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from flows.cli.context import cli_context
 from serving.config import SERVE_CONFIG_PATH
+
+if TYPE_CHECKING:
+    from serving.client import GenerationResult, Progress
 
 
 def register(app: typer.Typer) -> None:
@@ -46,10 +60,37 @@ def read_api_key(key_file: Path | None, env_var: str | None) -> str | None:
     return (os.environ.get(env_var) or None) if env_var else None
 
 
+@contextmanager
+def progress_bar() -> Iterator[Progress]:
+    """A terminal progress bar (images done, rate, ETA) on stderr -> its `progress(done, total)`. The
+    bar appears at the first call (the job has been planned), so a job that fails before it starts
+    (no server there) prints only its error."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+    from rich.progress import Progress as Bar
+
+    columns = (TextColumn("generating"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]}"), TextColumn("ETA"), TimeRemainingColumn())
+    bar = Bar(*columns, console=Console(stderr=True))
+
+    def update(done: int, total: int) -> None:
+        if not bar.tasks:
+            bar.start()
+            bar.add_task("generate", total=total, rate="")
+        task = bar.tasks[0]
+        bar.update(task.id, completed=done, rate=f"{task.speed:.1f} images/s" if task.speed else "")
+
+    try:
+        yield update
+    finally:
+        bar.stop()
+
+
 def generate_command(
     ctx: typer.Context,
     out: Path = typer.Option(..., "--out", "-o", help="Directory for the PNGs and grid.png."),
-    num_images: int = typer.Option(16, "--num-images", "-n", help="Images to generate."),
+    num_images: int = typer.Option(16, "--num-images", "-n", min=1, help="Images to generate; more than "
+                                   "the server takes in one request are split into several."),
     url: str | None = typer.Option(None, "--url", help="Server URL (default: what `serve` would use)."),
     steps: int | None = typer.Option(None, "--steps", help="Sampler steps (server default when unset)."),
     sampler: str | None = typer.Option(None, "--sampler", help="dpmpp_2m, ddim or ddpm."),
@@ -57,26 +98,45 @@ def generate_command(
     labels: str | None = typer.Option(None, "--labels", help="Comma-separated class per image; one value "
                                       "applies to all images."),
     seed: int | None = typer.Option(None, "--seed", help="Image i uses seed + i (random when unset)."),
-    nrow: int = typer.Option(8, "--nrow", help="Images per grid row."),
+    nrow: int | None = typer.Option(None, "--nrow", min=1, help="Images per grid row (default: a square "
+                                    "grid)."),
+    concurrency: int = typer.Option(4, "--concurrency", min=1, help="Requests in flight at once."),
     api_key_file: Path | None = typer.Option(None, "--api-key-file", help="File holding the bearer token "
                                              "(default: the env var named by serve.api_key_env)."),
     serve_config: Path = typer.Option(SERVE_CONFIG_PATH, "--serve-config", help="Ray Serve config file "
                                       "(with the config file's serve section: the default URL and key)."),
 ) -> None:
     """Generate images with a running server and save them."""
-    from diffusion_core.images import make_grid, save_png
-    from serving.client import GenerationClient
+    from serving.client import AsyncGenerationClient
 
-    settings, _ = cli_context(ctx).serve_settings(serve_config)
+    context = cli_context(ctx)
+    if not context.debug:  # one log line per request would scroll the progress bar away
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+    settings, _ = context.serve_settings(serve_config)
     key = read_api_key(api_key_file, settings.api_key_env)
     label_list = parse_labels(labels)
     if label_list is not None and len(label_list) == 1:
         label_list = label_list * num_images
-    with GenerationClient(url or settings.url, api_key=key) as client:
-        result = client.generate(num_images, steps=steps, sampler=sampler, guidance_scale=guidance_scale,
-                                 labels=label_list, seed=seed)
-    for i, (image, image_seed) in enumerate(zip(result.images, result.seeds, strict=True)):
-        save_png(out / f"image_{i:03d}_seed{image_seed}.png", image)
-    grid = save_png(out / "grid.png", make_grid(result.images, nrow=nrow))
+
+    async def job(progress: Progress) -> GenerationResult:
+        async with AsyncGenerationClient(url or settings.url, api_key=key) as client:
+            return await client.generate_many(num_images, steps=steps, sampler=sampler,
+                                              guidance_scale=guidance_scale, labels=label_list, seed=seed,
+                                              concurrency=concurrency, progress=progress)
+
+    with progress_bar() as progress:
+        result = asyncio.run(job(progress))
+    grid = save_images(result, out, nrow or math.ceil(math.sqrt(len(result.seeds))))
     model = result.model
-    typer.echo(f"{len(result.seeds)} images from {model['name']} v{model['version']} -> {out} (grid: {grid})")
+    typer.echo(f"{len(result.seeds)} images from {model['name']} v{model['version']} in {result.requests} "
+               f"requests ({result.timings['total_s']:.1f}s) -> {out} (grid: {grid})")
+
+
+def save_images(result: GenerationResult, out: Path, nrow: int) -> Path:
+    """image_<i>_seed<seed>.png at their own size, and grid.png enlarged -> the grid's path."""
+    from diffusion_core.images import enlarge, make_grid, save_png
+
+    width = max(3, len(str(len(result.seeds) - 1)))  # names sort in image order
+    for i, (image, image_seed) in enumerate(zip(result.images, result.seeds, strict=True)):
+        save_png(out / f"image_{i:0{width}d}_seed{image_seed}.png", image)
+    return save_png(out / "grid.png", make_grid(enlarge(result.images), nrow=nrow, padding=2))

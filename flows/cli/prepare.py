@@ -1,4 +1,8 @@
-"""`diffusion-pipeline prepare SOURCE OUT`: build a versioned Parquet dataset and print its summary."""
+"""`diffusion-pipeline prepare SOURCE [OUT]`: build a versioned Parquet dataset and print its summary.
+
+OUT defaults to where `run` keeps the dataset of SOURCE (`<work dir>/datasets/<name>`), so that a
+`run --source SOURCE` in the same folder reuses it.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from rich.table import Table
 from diffusion_core.data.config import PrepareConfig
 from diffusion_core.data.prepare import PrepareResult, prepare, summary_rows
 from diffusion_core.redact import redact_uri
-from flows.cli.context import cli_context, help_with_default
+from flows.cli.context import WORK_DIR_HELP, CliContext, cli_context, help_with_default
 
 
 def _help(field: str, text: str) -> str:
@@ -25,7 +29,9 @@ def prepare_command(
     ctx: typer.Context,
     source: str = typer.Argument(..., help="'digits' (built-in 8x8 digits), an image folder, or a "
                                  ".npy / .npz / .parquet file."),
-    output: str = typer.Argument(..., help="Dataset directory: local path or URI (file://, s3://, gs://)."),
+    output: str | None = typer.Argument(None, help="Dataset directory: local path or URI (file://, s3://, "
+                                        "gs://); default <work dir>/datasets/<source name>."),
+    work_dir: str | None = typer.Option(None, "--work-dir", help=WORK_DIR_HELP),
     size: int | None = typer.Option(None, help=_help("size", "Target image size (square).")),
     channels: int | None = typer.Option(None, help=_help("channels", "1 (grey) or 3 (RGB).")),
     val_fraction: float | None = typer.Option(
@@ -37,12 +43,22 @@ def prepare_command(
     use_flow: bool = typer.Option(False, "--flow", help="Run as the Prefect flow (retries, artifacts)."),
 ) -> None:
     """Prepare SOURCE into a sharded Parquet dataset with a manifest at OUT."""
-    overrides = {"source": source, "output": output, "size": size, "channels": channels,
-                 "val_fraction": val_fraction, "alpha_background": alpha_background,
-                 "rows_per_shard": rows_per_shard}
-    config = cli_context(ctx).load(PrepareConfig, "prepare", overrides)
-    result = _run_flow(config, force) if use_flow else _run_with_progress(config, force)
+    context = cli_context(ctx)
+    overrides = {"source": source, "output": output or _default_output(context, source, work_dir),
+                 "size": size, "channels": channels, "val_fraction": val_fraction,
+                 "alpha_background": alpha_background, "rows_per_shard": rows_per_shard}
+    config = context.load(PrepareConfig, "prepare", overrides)
+    if use_flow:
+        with context.flow_runs():
+            result = _run_flow(config, force)
+    else:
+        result = _run_with_progress(config, force)
     _print_summary(result)
+
+
+def _default_output(context: CliContext, source: str, work_dir: str | None) -> str:
+    """Where `run --source SOURCE` keeps the dataset (the config file's prepare.output when set)."""
+    return context.pipeline_config({"source": source, "work_dir": work_dir}).resolved_dataset_uri()
 
 
 def _run_with_progress(config: PrepareConfig, force: bool) -> PrepareResult:

@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from flows.cli.context import cli_context
+from flows.cli.context import MODEL_NAME_HELP, WORK_DIR_HELP, cli_context
 from flows.cli.evaluate import eval_overrides
 
 if TYPE_CHECKING:  # MLflow loads only when a registry command runs, not with every CLI call
@@ -45,8 +45,10 @@ def register_command(
     ctx: typer.Context,
     checkpoint: Path = typer.Argument(..., help="Checkpoint directory (spec.json + safetensors)."),
     dataset: str | None = typer.Option(None, help="Prepared dataset: evaluate first and run the gate."),
-    model_name: str | None = typer.Option(None, help="Registered model name (registry.model_name)."),
-    tracking_uri: str | None = typer.Option(None, help="MLflow tracking URI (or MLFLOW_TRACKING_URI)."),
+    model_name: str | None = typer.Option(None, help=MODEL_NAME_HELP),
+    tracking_uri: str | None = typer.Option(None, help="MLflow tracking URI (default: the store in the "
+                                            "work dir; or MLFLOW_TRACKING_URI)."),
+    work_dir: str | None = typer.Option(None, "--work-dir", help=WORK_DIR_HELP),
     run_id: str | None = typer.Option(None, help="Training run to log the model into."),
     gate: bool = typer.Option(True, "--gate/--no-gate", help="Try to promote after registering."),
     force: bool = typer.Option(False, "--force", help="Promote even if the gate would reject it."),
@@ -57,7 +59,8 @@ def register_command(
 ) -> None:
     """Register CHECKPOINT as a new version (alias candidate); with --dataset also evaluate and gate."""
     context = cli_context(ctx)
-    registry = context.registry_config({"model_name": model_name, "tracking_uri": tracking_uri})
+    registry = context.registry_config({"model_name": model_name, "tracking_uri": tracking_uri,
+                                        "work_dir": work_dir})
     if dataset is None:
         from diffusion_core.adapters.mlflow_registry import log_and_register
 
@@ -69,8 +72,9 @@ def register_command(
     from flows.evaluate import evaluate_and_register
 
     config = context.eval_config(eval_overrides(num_samples, steps, sampler, seed, None))
-    outcome = evaluate_and_register(checkpoint, dataset, config, registry, training_run_id=run_id,
-                                    run_gate=gate, force=force)
+    with context.flow_runs():
+        outcome = evaluate_and_register(checkpoint, dataset, config, registry, training_run_id=run_id,
+                                        run_gate=gate, force=force)
     print_version(outcome.version)
     if outcome.decision is not None:
         print_decision(outcome.decision)

@@ -34,4 +34,5 @@ def schedule_command(
     typer.echo(f"serving deployment 'retrain/{schedule.deployment_name}' on cron '{schedule.cron}' "
                f"({schedule.timezone}); trigger now with: "
                f"prefect deployment run 'retrain/{schedule.deployment_name}'")
-    serve_retraining(schedule, config)
+    with context.flow_runs():
+        serve_retraining(schedule, config)

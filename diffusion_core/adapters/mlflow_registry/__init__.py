@@ -14,6 +14,9 @@ One module per concern:
     gate.py        the gate as a pure function of scores and policy (no MLflow)
     lock.py        the registry lock: per-user host lock, Prefect global concurrency across hosts
     versions.py    reading versions (by number, by alias, all)
+    lineage.py     a model's kind of data (DataSpecKey): registrations and the gate stay within it
+    description.py the one-line description of each version: what it is, how it was gated
+    evaluation_record.py  the evaluation split as a run input, scores as metrics of the logged model on it
     packaging.py   a checkpoint as a pyfunc model with its code, signature and requirements
     pyfunc_model.py  the pyfunc itself (executed by MLflow, never imported)
     register.py    log + register + `candidate` alias
@@ -33,6 +36,7 @@ from __future__ import annotations
 from diffusion_core.adapters.mlflow_registry.config import (
     CANDIDATE,
     CHAMPION,
+    DATA_SPEC_TAG,
     DEFAULT_LOCK_TIMEOUT_S,
     EVAL_KEY_TAG,
     FD_TAG,
@@ -41,7 +45,14 @@ from diffusion_core.adapters.mlflow_registry.config import (
 )
 from diffusion_core.adapters.mlflow_registry.download import download_checkpoint
 from diffusion_core.adapters.mlflow_registry.errors import RegistryError
+from diffusion_core.adapters.mlflow_registry.evaluation_record import EvaluationDataset
 from diffusion_core.adapters.mlflow_registry.gate import GatePolicy
+from diffusion_core.adapters.mlflow_registry.lineage import (
+    DataSpecKey,
+    champion_data_spec,
+    require_same_lineage,
+    suggest_model_name,
+)
 from diffusion_core.adapters.mlflow_registry.lock import registry_lock
 from diffusion_core.adapters.mlflow_registry.packaging import generation_frame
 from diffusion_core.adapters.mlflow_registry.promotion import (
@@ -60,9 +71,10 @@ from diffusion_core.adapters.mlflow_registry.versions import (
 )
 
 __all__ = [
-    "CANDIDATE", "CHAMPION", "DEFAULT_LOCK_TIMEOUT_S", "EVAL_KEY_TAG", "FD_TAG", "PREVIOUS_CHAMPION",
-    "GatePolicy", "ModelVersionInfo", "PromotionDecision", "RegistryConfig", "RegistryError",
-    "download_checkpoint", "generation_frame", "get_version", "list_versions", "log_and_register",
-    "log_directory", "numeric_tags", "promote", "promote_if_better", "registry_lock", "resolve_version",
-    "rollback",
+    "CANDIDATE", "CHAMPION", "DATA_SPEC_TAG", "DEFAULT_LOCK_TIMEOUT_S", "EVAL_KEY_TAG", "FD_TAG",
+    "PREVIOUS_CHAMPION", "DataSpecKey", "EvaluationDataset", "GatePolicy", "ModelVersionInfo",
+    "PromotionDecision", "RegistryConfig", "RegistryError", "champion_data_spec", "download_checkpoint",
+    "generation_frame", "get_version", "list_versions", "log_and_register", "log_directory", "numeric_tags",
+    "promote", "promote_if_better", "registry_lock", "require_same_lineage", "resolve_version", "rollback",
+    "suggest_model_name",
 ]

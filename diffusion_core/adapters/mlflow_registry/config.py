@@ -19,6 +19,8 @@ FEATURE_KIND_TAG, FEATURE_P_VALUE_TAG = "eval_feature_kind", "eval_feature_p_val
 FEATURE_ACCURACY_TAG, FEATURE_CHANCE_TAG = "eval_feature_accuracy", "eval_feature_chance"
 EVAL_KEY_TAG = "eval_key"         # metrics.eval_settings_key: FDs are comparable only when keys are equal
 HISTORY_TAG = "champion_history"
+DATA_SPEC_TAG = "data_spec"       # lineage.DataSpecKey as JSON: the data a version generates
+SUMMARY_TAG = "model_summary"     # what the model is, in words: the first half of its description
 PENDING_TAG = "promotion.pending"  # a champion change that was started and not yet finished
 DEFAULT_LOCK_TIMEOUT_S = 300.0     # the lock guards a few registry calls: minutes of waiting means trouble
 
@@ -61,6 +63,9 @@ class RegistryConfig(BaseModel):
     lock_timeout_s: float = Field(DEFAULT_LOCK_TIMEOUT_S, gt=0,
                                   description="how long to wait for another process's registry lock")
     device: str = Field("cpu", description="device the logged pyfunc samples on by default")
+    allow_new_data_spec: bool = Field(
+        False, description="register a version whose data spec (image size, channels, labels) differs "
+        "from the champion's under this model name; for a model the user named explicitly")
 
     def gate_policy(self) -> GatePolicy:
         return GatePolicy(margin=self.gate_margin, min_precision=self.min_precision,

@@ -11,14 +11,14 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import mlflow
 from mlflow import MlflowClient
 
 from diffusion_core.adapters.mlflow_registry.packaging import ARTIFACT_NAME
 from diffusion_core.adapters.mlflow_store import client_for
-from diffusion_core.checkpoint import read_spec
+from diffusion_core.checkpoint import SPEC_FILE, ModelSpec, read_spec
 from diffusion_core.errors import CheckpointError, ConfigError
 
 _MODEL_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))")
@@ -50,6 +50,33 @@ def download_checkpoint(model_uri: str, dst: Path | None = None, tracking_uri: s
         return target
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def download_spec(client: MlflowClient, name: str, version: str) -> ModelSpec:
+    """The spec.json of a registered version's checkpoint, without its weights: two small files
+    (the model's MLmodel, which says where the checkpoint artifact is, and the spec itself)."""
+    source = client.get_model_version_download_uri(name, str(version)).rstrip("/")
+    staging = Path(tempfile.mkdtemp(prefix="diffusion-spec-"))
+    try:
+        mlmodel = Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{source}/MLmodel", dst_path=str(staging / "model"),
+            tracking_uri=client.tracking_uri))
+        model_dir = inside(staging, mlmodel, "model_uri: the downloaded MLmodel").parent
+        artifact = _relative_artifact_path(_checkpoint_artifact_path(model_dir))
+        spec = Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{source}/{artifact}/{SPEC_FILE}", dst_path=str(staging / "spec"),
+            tracking_uri=client.tracking_uri))
+        return read_spec(inside(staging, spec, f"MLmodel: artifact {ARTIFACT_NAME!r}").parent)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _relative_artifact_path(path: str) -> str:
+    """An artifact path from an MLmodel as a relative POSIX path that stays below the model's root."""
+    parts = PurePosixPath(path).parts
+    if not parts or PurePosixPath(path).is_absolute() or ".." in parts:
+        raise CheckpointError(f"MLmodel: artifact {ARTIFACT_NAME!r} must be a relative path inside the model")
+    return str(PurePosixPath(*parts))
 
 
 def inside(root: Path, path: Path, what: str) -> Path:

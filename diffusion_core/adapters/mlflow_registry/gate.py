@@ -2,6 +2,9 @@
 
 A candidate becomes champion when
 
+0. it is comparable with the champion: both generate the same kind of data (lineage.py: image
+   size, channels, labels). Scores are never compared across data specs, and a candidate that
+   differs is not promoted, whatever its scores;
 1. its scores are valid: fd (a Frechet distance, a squared distance) finite and >= 0, precision
    and recall (Kynkaenniemi et al. 2019), the copy share and the feature p-value in [0, 1];
 2. the feature network it was measured with learned something (max_feature_p_value): a trained
@@ -19,12 +22,13 @@ A candidate becomes champion when
    A champion whose FD is not a valid number (NaN, infinite, negative) sets no bar: a candidate
    that passes 1 to 4 replaces it.
 
-`force` skips all five. A rule whose policy value is None is off, and needs no recorded score.
+`force` skips them all. A rule whose policy value is None is off, and needs no recorded score.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -87,13 +91,19 @@ def valid_share(value: float) -> bool:
 
 
 def decide(candidate: CandidateScores, champion_fd: float | None, policy: GatePolicy,
-           force: bool = False) -> Verdict:
-    """The gate's verdict for `candidate` against the champion's FD (None: there is no champion).
+           force: bool = False, data_spec_differences: Sequence[str] = ()) -> Verdict:
+    """The gate's verdict for `candidate` against the champion's FD (None: there is no champion, or
+    it is not comparable). data_spec_differences: the fields in which the candidate's data spec
+    differs from the champion's (lineage.spec_differences); any makes the two incomparable.
 
     RegistryError when a score the policy needs was never recorded (evaluate the candidate first).
     """
     if force:
         return Verdict("forced", "forced promotion (--force)")
+    if data_spec_differences:
+        return Verdict("rejected", f"not comparable with the champion: the data spec differs in "
+                                   f"{', '.join(data_spec_differences)}, and scores are never compared "
+                                   "across data specs (use --force to make it this model's champion)")
     problem = (_invalid_scores(candidate, policy) or _feature_network_problem(candidate, policy)
                or _copying(candidate, policy) or _below_floor(candidate, policy))
     if problem:

@@ -29,7 +29,7 @@ from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema, TensorS
 import diffusion_core
 from diffusion_core.checkpoint import ModelSpec
 from diffusion_core.errors import ConfigError
-from diffusion_core.sampling_defaults import DEFAULT_SAMPLER, DEFAULT_STEPS, NULL_LABEL
+from diffusion_core.sampling_defaults import DEFAULT_SAMPLER, DEFAULT_STEPS
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 ARTIFACT_NAME = "checkpoint"
@@ -56,14 +56,17 @@ def pip_requirements() -> list[str]:
 
 
 def generation_frame(num_images: int, seed: int = 0, labels: list[int] | None = None) -> pd.DataFrame:
-    """The pyfunc's predict() input: image i uses seed + i and labels[i] (-1 = unconditional)."""
+    """The pyfunc's predict() input: image i uses seed + i and labels[i] (-1 = the null label).
+    Without labels the frame has no label column: the model draws each image's class from its class
+    prior by seed, as a request without labels does over HTTP."""
     if num_images < 1:
         raise ConfigError("num_images: must be >= 1")
     if labels is not None and len(labels) != num_images:
         raise ConfigError(f"labels: expected {num_images} labels (one per image)")
-    values = [NULL_LABEL] * num_images if labels is None else list(labels)
-    return pd.DataFrame({"seed": np.arange(seed, seed + num_images, dtype=np.int64),
-                         "label": np.asarray(values, dtype=np.int64)})
+    frame = pd.DataFrame({"seed": np.arange(seed, seed + num_images, dtype=np.int64)})
+    if labels is not None:
+        frame["label"] = np.asarray(labels, dtype=np.int64)
+    return frame
 
 
 def model_signature(spec: ModelSpec) -> ModelSignature:

@@ -14,9 +14,13 @@ behind, and the next registry operation on the model (registration, promotion, r
 the registry lock, applies the whole record again before doing anything else
 (`repair_pending_promotion`).
 
-Every decision is also recorded on the version (`gate.*`, `rollback.*` tags) and in the version's
-MLflow run (tags and `gate_*` metrics); those run records are written after the change is
-complete and are not part of the repair.
+Every decision is also recorded on the version (`gate.*`, `rollback.*` tags, and the second half
+of its description, description.py) and in the version's MLflow run (tags and `gate_*` metrics);
+those records are written after the change is complete and are not part of the repair.
+
+The gate compares a candidate only with a champion of the same data spec (lineage.py): a champion
+of other data is neither re-evaluated (its feature network, image shape and labels would not fit)
+nor compared, and the decision says so.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from mlflow import MlflowClient
@@ -48,6 +53,7 @@ from diffusion_core.adapters.mlflow_registry.config import (
     RECALL_TAG,
     RegistryConfig,
 )
+from diffusion_core.adapters.mlflow_registry.description import describe_version, gate_outcome
 from diffusion_core.adapters.mlflow_registry.errors import RegistryError
 from diffusion_core.adapters.mlflow_registry.gate import (
     CandidateScores,
@@ -56,6 +62,7 @@ from diffusion_core.adapters.mlflow_registry.gate import (
     parse_score,
     valid_fd,
 )
+from diffusion_core.adapters.mlflow_registry.lineage import spec_differences, version_data_spec
 from diffusion_core.adapters.mlflow_registry.lock import registry_lock
 from diffusion_core.adapters.mlflow_registry.versions import ModelVersionInfo, version_by_alias, version_info
 from diffusion_core.adapters.mlflow_store import client_for, with_retries
@@ -178,22 +185,24 @@ def promote_if_better(
     RegistryConfig's), or unconditionally with `force`.
 
     candidate_fd / eval_key default to the version's `eval_fd` / `eval_key` tags; precision and
-    recall come from its tags. The champion's FD is its recorded tag when that is a valid number
-    under the same eval key (same dataset, feature network and eval settings); otherwise
-    `reevaluate_champion(model_uri) -> fd` is called (RegistryError if not given). The champion is
-    measured without the registry lock held; under the lock it is re-read, and if another process
-    changed it meanwhile the new champion is measured and the gate retried.
+    recall come from its tags. A champion whose data spec differs from the candidate's is not
+    measured: the candidate is rejected as not comparable. Otherwise the champion's FD is its
+    recorded tag when that is a valid number under the same eval key (same dataset, feature network
+    and eval settings), else `reevaluate_champion(model_uri) -> fd` is called (RegistryError if not
+    given). The champion is measured without the registry lock held; under the lock it is re-read,
+    and if another process changed it meanwhile the new champion is measured and the gate retried.
     """
     client = client_for(tracking_uri)
     policy = policy or RegistryConfig().gate_policy()
     candidate = version_info(client.get_model_version(name, str(version)))
     scores = _recorded_scores(candidate.tags, candidate_fd)
     eval_key = eval_key or candidate.tags.get(EVAL_KEY_TAG)
-    measured: dict[str, tuple[float, str]] = {}  # champion version -> (fd, source)
+    measured: dict[str, _ChampionMeasure] = {}  # champion version -> its measure
     champion = version_by_alias(client, name, CHAMPION)
     for _ in range(GATE_ATTEMPTS):
         if champion is not None and not force and champion.version not in (candidate.version, *measured):
-            measured[champion.version] = _champion_fd(champion, eval_key, reevaluate_champion)
+            measured[champion.version] = _measure_champion(client, champion, candidate, eval_key,
+                                                           reevaluate_champion)
         with registry_lock(client.tracking_uri, lock_dir, lock_timeout_s):
             repair_pending_promotion(client, name)
             current = version_by_alias(client, name, CHAMPION)
@@ -231,6 +240,26 @@ def promote(name: str, version: str, *, force: bool = False, policy: GatePolicy 
                              lock_dir=lock_dir, lock_timeout_s=lock_timeout_s)
 
 
+@dataclass(frozen=True)
+class _ChampionMeasure:
+    """The champion as the gate sees it: its FD and where that came from ("recorded",
+    "re-evaluated"), or the data-spec fields that make it incomparable (then no FD)."""
+
+    fd: float | None
+    source: str
+    spec_differences: tuple[str, ...] = ()
+
+
+def _measure_champion(client: MlflowClient, champion: ModelVersionInfo, candidate: ModelVersionInfo,
+                      eval_key: str | None, reevaluate: Callable[[str], float] | None) -> _ChampionMeasure:
+    differences = spec_differences(version_data_spec(client, candidate), version_data_spec(client, champion))
+    if differences:
+        logger.info("gate: champion version %s has another data spec (%s): not measured, not compared",
+                    champion.version, ", ".join(differences))
+        return _ChampionMeasure(None, "", tuple(differences))
+    return _ChampionMeasure(*_champion_fd(champion, eval_key, reevaluate))
+
+
 def _champion_fd(
     mv: ModelVersionInfo, eval_key: str | None, reevaluate: Callable[[str], float] | None
 ) -> tuple[float, str]:
@@ -254,7 +283,7 @@ def _version_of(mv: ModelVersionInfo | None) -> str | None:
 
 
 def _decide(client: MlflowClient, candidate: ModelVersionInfo, champion: ModelVersionInfo | None,
-            scores: CandidateScores, champion_measure: tuple[float, str] | None, policy: GatePolicy,
+            scores: CandidateScores, champion_measure: _ChampionMeasure | None, policy: GatePolicy,
             force: bool) -> PromotionDecision:
     """Apply the gate (call under the registry lock): move the aliases and record the decision."""
     if champion is not None and champion.version == candidate.version:
@@ -262,8 +291,9 @@ def _decide(client: MlflowClient, candidate: ModelVersionInfo, champion: ModelVe
                                  previous_champion_version=champion.tags.get(PREVIOUS_CHAMPION),
                                  candidate_version=candidate.version, candidate_fd=scores.fd,
                                  reason="already champion")
-    champion_fd, source = champion_measure if champion_measure is not None else (None, "")
-    verdict = decide(scores, champion_fd, policy, force)
+    measure = champion_measure or _ChampionMeasure(None, "")
+    champion_fd, source = measure.fd, measure.source
+    verdict = decide(scores, champion_fd, policy, force, measure.spec_differences)
     previous = _version_of(champion)
     decision = PromotionDecision(
         name=candidate.name, action=verdict.action,
@@ -281,6 +311,7 @@ def _decide(client: MlflowClient, candidate: ModelVersionInfo, champion: ModelVe
     else:
         _set_version_tags(client, candidate.name, candidate.version, tags)
     _record_in_run(client, candidate.run_id, decision, tags)
+    describe_version(client, candidate.name, candidate.version, candidate.tags, gate_outcome(decision))
     return decision
 
 
@@ -325,12 +356,17 @@ def rollback(name: str, tracking_uri: str | None = None, lock_dir: Path | None =
         if previous is None:
             raise RegistryError(f"rollback: champion version {current.version} of {name!r} has no previous "
                                 "champion to roll back to")
-        before_previous = client.get_model_version(name, previous).tags.get(PREVIOUS_CHAMPION)
+        restored = version_info(client.get_model_version(name, previous))
+        before_previous = restored.tags.get(PREVIOUS_CHAMPION)
         change_champion(client, name, ChampionChange(
             champion=previous, previous=before_previous,
             version_tags={current.version: {"rollback.replaced_by": previous},
                           previous: {"rollback.restored_from": current.version}},
             event=f"rolled_back:{previous}"))
+        describe_version(client, name, current.version, current.tags,
+                         f"rolled back: v{previous} is champion again")
+        describe_version(client, name, previous, restored.tags,
+                         f"champion again by rollback from v{current.version}")
     logger.info("rolled back %s: champion %s -> %s", name, current.version, previous)
     return PromotionDecision(name=name, action="rolled_back", champion_version=previous,
                              previous_champion_version=before_previous, candidate_version=current.version,

@@ -12,7 +12,9 @@ Request format (one row per image; result[i] depends only on row i and the param
             params={"steps": 20, "sampler": "dpmpp_2m", "guidance_scale": 2.0})
     -> float32 array (N, C, H, W) in [0, 1]
 
-`label` is optional; -1 (sampling_defaults.NULL_LABEL) means unconditional.
+`label` is optional, as over HTTP: without the column (or for a row left empty), a class-conditional
+model draws the image's class from its class prior by the image's seed (`LoadedModel.default_labels`:
+a sample of the model's marginal); -1 (sampling_defaults.NULL_LABEL) asks for the null label.
 `packaging.generation_frame(num_images, seed, labels)` builds the frame. This file is only ever
 executed by MLflow, never imported by the library.
 """
@@ -26,8 +28,7 @@ import numpy as np
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
-from diffusion_core.errors import ConfigError
-from diffusion_core.sampling_defaults import NULL_LABEL
+from diffusion_core.sampling_defaults import NULL_LABEL, check_labels
 
 
 class DiffusionSampler(PythonModel):
@@ -52,16 +53,14 @@ class DiffusionSampler(PythonModel):
         return images.numpy()
 
     def _labels(self, model_input: pd.DataFrame) -> list[int] | None:
+        """The label column, its empty rows filled with the class drawn for their seed; None without
+        a column (generate() then draws every image's class). ConfigError by `check_labels`."""
         if "label" not in model_input or model_input["label"].isna().all():
             return None
-        labels = [int(v) for v in model_input["label"].fillna(NULL_LABEL)]
-        num_classes = self.loaded.spec.unet.num_classes
-        if num_classes is None:
-            if any(v != NULL_LABEL for v in labels):
-                raise ConfigError("label: this model is unconditional; accepted: -1 or no label column")
-            return None
-        if any(not (v == NULL_LABEL or 0 <= v < num_classes) for v in labels):
-            raise ConfigError(f"label: out of range; accepted: -1 or 0..{num_classes - 1}")
+        seeds = [int(s) for s in model_input["seed"]]
+        drawn = self.loaded.default_labels(seeds) or [NULL_LABEL] * len(seeds)
+        labels = [d if pd.isna(v) else int(v) for v, d in zip(model_input["label"], drawn, strict=True)]
+        check_labels(labels, len(seeds), self.loaded.spec.unet.num_classes)
         return labels
 
 
