@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict
 
 from diffusion_core.adapters.mlflow_registry import (
     EVAL_KEY_TAG,
+    GUIDED_SCALE_TAG,
     EvaluationDataset,
     ModelVersionInfo,
     PromotionDecision,
@@ -77,7 +78,7 @@ def eval_tags(result: EvalResult, config: EvalConfig) -> dict[str, str]:
         "eval_class_histogram": json.dumps([round(p, 4) for p in result.class_histogram]),
     }
     if result.guided_scale is not None:
-        tags["eval_guided_scale"] = repr(result.guided_scale)
+        tags[GUIDED_SCALE_TAG] = f"{result.guided_scale:g}"
     return tags
 
 

@@ -14,6 +14,7 @@ FD_TAG = "eval_fd"                # the number the gate compares (lower is bette
 PRECISION_TAG = "eval_precision"  # the quality floor's numbers
 RECALL_TAG = "eval_recall"
 COPY_SHARE_TAG = "eval_copy_share"  # memorisation (metrics_memorisation)
+GUIDED_SCALE_TAG = "eval_guided_scale"  # the guidance scale of the eval_guided_* numbers
 # The evaluation's feature network and its held-out check (metrics.feature_check)
 FEATURE_KIND_TAG, FEATURE_P_VALUE_TAG = "eval_feature_kind", "eval_feature_p_value"
 FEATURE_ACCURACY_TAG, FEATURE_CHANCE_TAG = "eval_feature_accuracy", "eval_feature_chance"
