@@ -59,6 +59,7 @@ logger = logging.getLogger("benchmarks.quality")
 RESULTS_DIR = Path(__file__).parent / "results"
 SAMPLERS = ("ddim", "dpmpp_2m")
 STEP_COUNTS = (10, 20)
+DDPM_STEPS = 1000
 SEED = 0
 
 
@@ -108,9 +109,10 @@ def our_rows(bench: Bench, loaded: LoadedModel) -> dict[str, dict[str, object]]:
     return rows
 
 
-def baseline_rows(bench: Bench, unet: torch.nn.Module, ddpm,
-                  ddpm_images: int) -> dict[str, dict[str, object]]:
-    """diffusers DDIM and DPM-Solver++(2M) at 10 and 20 steps, DDPM at 1000 steps."""
+def baseline_rows(bench: Bench, unet: torch.nn.Module, ddpm, ddpm_images: int,
+                  ddpm_steps: int = DDPM_STEPS) -> dict[str, dict[str, object]]:
+    """diffusers DDIM and DPM-Solver++(2M) at 10 and 20 steps, DDPM at `ddpm_steps` (1000: the
+    schedule it was trained on, every step)."""
     from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
     schedulers = {"ddim": DDIMScheduler, "dpmpp_2m": DPMSolverMultistepScheduler}
@@ -121,9 +123,9 @@ def baseline_rows(bench: Bench, unet: torch.nn.Module, ddpm,
                 return diffusers_sample(unet, scheduler_class.from_config(ddpm.config), n, steps, seed=SEED)
             name = f"diffusers/{sampler}/{steps}"
             rows[name] = bench.row(name, generate)
-    name = "diffusers/ddpm/1000"
+    name = f"diffusers/ddpm/{ddpm_steps}"
     rows[name] = bench.row(name, lambda n: diffusers_sample(unet, DDPMScheduler.from_config(ddpm.config), n,
-                                                            1000, seed=SEED), num_images=ddpm_images)
+                                                            ddpm_steps, seed=SEED), num_images=ddpm_images)
     return rows
 
 
@@ -144,7 +146,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=900, help="images per sample set")
     parser.add_argument("--ddpm-images", type=int, default=300, help="images of the DDPM-1000 set")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke test: 20 training steps, 60 images, 60 for DDPM (numbers mean nothing)")
+                        help="smoke test: 20 training steps, 60 images, DDPM at 50 steps on 20 (numbers "
+                             "mean nothing)")
     parser.add_argument("--out", type=Path, default=None,
                         help="where the JSON goes (default: benchmarks/results/quality.json; with --quick "
                              "quality_quick.json in the temporary folder, never the results)")
@@ -152,7 +155,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     import ray
 
-    num_images, ddpm_images = (60, 60) if args.quick else (args.images, args.ddpm_images)
+    num_images, ddpm_images = (60, 20) if args.quick else (args.images, args.ddpm_images)
     threads = os.cpu_count() or 1
     out: dict[str, object] = {"machine": machine_info(), "quick": args.quick, "images": num_images,
                               "ddpm_images": ddpm_images, "sampling_threads": threads}
@@ -181,7 +184,8 @@ def main() -> None:
         bench = Bench(scorer, num_images, ddpm_images)
         loaded = load_checkpoint(checkpoint)
         out["ours"] = our_rows(bench, loaded)
-        out["diffusers"] = baseline_rows(bench, baseline.unet, baseline.ddpm, ddpm_images)
+        out["diffusers"] = baseline_rows(bench, baseline.unet, baseline.ddpm, ddpm_images,
+                                         50 if args.quick else DDPM_STEPS)
         out["evaluation_cost"] = evaluation_cost(loaded, reference, extractor, eval_config)
     out["machine_after"] = machine_info()
     path = args.out or (Path(tempfile.gettempdir()) / "quality_quick.json" if args.quick

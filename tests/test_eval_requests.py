@@ -251,3 +251,33 @@ def test_a_faint_copy_of_the_data_is_far_in_feature_space(digits, extractor) -> 
     real = evaluate_samples(digits.train_images[:360], digits.val_images, extractor)
     faint = evaluate_samples(digits.train_images[:360] * 0.5, digits.val_images, extractor)
     assert faint["fd"] > 10 * real["fd"]
+
+
+# ------------------------------------------------------------------------------ run's summary
+
+
+def test_run_summary_shows_every_kind_of_request_memorisation_and_the_feature_check(
+        tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    from flows.cli.context import CliContext
+    from flows.cli.run import Grid, _print_summary
+    from flows.pipeline import PipelineResult
+    from flows.pipeline_config import PipelineConfig
+
+    metrics = {"eval_fd": 12.5, "eval_precision": 0.91, "eval_recall": 0.9, "eval_label_accuracy": 0.97,
+               "eval_copy_share": 0.09, "eval_nn_distance_ratio": 1.02, "eval_null_fd": 30.25,
+               "eval_null_copy_share": 0.08, "eval_guided_fd": 14.5, "eval_guided_label_accuracy": 0.99,
+               "eval_feature_accuracy": 0.975, "eval_feature_chance": 0.106, "eval_feature_p_value": 0.0}
+    result = PipelineResult(
+        dataset_uri="/data/ds", dataset_fingerprint="f" * 64, dataset_reused=True, trained=True,
+        training_run_id="run-1", checkpoint_path="/ckpt", model_name="digits", version="3",
+        became_champion=True, is_champion=True, decision="promoted", metrics=metrics)
+    grid = Grid(path=tmp_path / "grid.png", model_name="digits", version="3", alias="champion", num_images=4)
+    _print_summary(CliContext(), PipelineConfig(work_dir=str(tmp_path)), result, grid, 12.0, serving=False)
+    lines = capsys.readouterr().out.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("evaluation"))
+    assert lines[first].split(None, 1)[1] == (
+        "default request (no labels): fd=12.5 precision=0.91 recall=0.9 label accuracy=0.97 copy share=0.09 "
+        "nn-distance ratio=1.02")
+    assert lines[first + 1].strip() == "null label (unconditional): fd=30.25 copy share=0.08"
+    assert lines[first + 2].strip() == "guidance 2: fd=14.5 label accuracy=0.99"
+    assert lines[first + 3].strip() == "feature classifier: held-out accuracy 0.975 (chance 0.106)"
