@@ -61,7 +61,12 @@ from diffusion_core.metrics_stats import (
     normalised_entropy,
     precision_recall,
 )
-from diffusion_core.sampling_defaults import DEFAULT_SAMPLER, DEFAULT_STEPS, SamplerName
+from diffusion_core.sampling_defaults import (
+    DEFAULT_GUIDANCE_SCALE,
+    DEFAULT_SAMPLER,
+    DEFAULT_STEPS,
+    SamplerName,
+)
 
 if TYPE_CHECKING:
     from diffusion_core.checkpoint import LoadedModel
@@ -84,7 +89,8 @@ class EvalConfig(BaseModel):
     sampler: SamplerName = DEFAULT_SAMPLER
     steps: int = Field(DEFAULT_STEPS, ge=1)
     seed: int = Field(0, ge=0, description="sample i uses seed + i")
-    guidance_scale: float = Field(1.0, ge=0.0, description="guidance of the headline (default) request")
+    guidance_scale: float = Field(DEFAULT_GUIDANCE_SCALE, ge=0.0,
+                                  description="guidance of the headline (default) request")
     clip_x0: PositiveFloat | Literal["auto", "dynamic"] | None = Field(
         "auto", description="x0 clipping while sampling: auto (the model's data range, "
         "checkpoint.data_range_clip), a positive float, dynamic, or null (none)")
