@@ -1,6 +1,6 @@
 """Soak test of the Serve app under a mix of valid and hostile requests.
 
-    python benchmarks/abuse.py [--seconds 120] [--clients 8] [--out benchmarks/results/abuse.json]
+    python -m benchmarks.abuse [--seconds 120] [--clients 8] [--out benchmarks/results/abuse.json]
 
 Starts the app on a local Ray (random-init default digits UNet from a local checkpoint, an API key,
 the packaged limits), then `--clients` clients each send requests back to back for `--seconds`,
@@ -25,9 +25,7 @@ import logging
 import os
 import platform
 import random
-import socket
 import tempfile
-import threading
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -35,14 +33,9 @@ from typing import Any
 
 import httpx
 import numpy as np
-import psutil
-import torch
 
+from benchmarks.measure import TreeMemory, free_port, untrained_digits_checkpoint
 from diffusion_core.atomic_io import atomic_write_text
-from diffusion_core.checkpoint import DataSpec, ModelSpec, save_checkpoint
-from diffusion_core.objective import ObjectiveConfig
-from diffusion_core.schedule import ScheduleConfig
-from diffusion_core.unet import UNet, UNetConfig
 from serving.config import ServeSettings
 
 logger = logging.getLogger("benchmarks.abuse")
@@ -71,58 +64,6 @@ MIX: dict[str, tuple[float, str, str, dict, Any, float]] = {
     "max_work": (0.04, "POST", "/generate", {**AUTH}, {"num_images": 64, "steps": 50}, 300.0),
     "abandoned": (0.04, "POST", "/generate", {**AUTH}, {"num_images": 32, "steps": 50}, 0.2),
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def make_checkpoint(directory: Path) -> Path:
-    torch.manual_seed(0)
-    config = UNetConfig.digits_default()
-    spec = ModelSpec(unet=config, schedule=ScheduleConfig(), objective=ObjectiveConfig(),
-                     data=DataSpec(image_size=8, channels=1, label_names=[str(i) for i in range(10)]))
-    return save_checkpoint(directory / "checkpoint", UNet(config), spec)
-
-
-class MemorySampler:
-    """Peak of the summed memory of every process this one started (Ray's), sampled each second."""
-
-    def __init__(self, period_s: float = 1.0) -> None:
-        self._period_s, self._stop = period_s, threading.Event()
-        self.peak_bytes, self.peak_by_name, self.metric = 0, {}, "pss"
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> MemorySampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._period_s):
-            by_name: dict[str, int] = defaultdict(int)
-            for proc in psutil.Process().children(recursive=True):
-                try:  # Ray renames its workers' command lines: ray::ServeReplica:<app>:<deployment>
-                    name = (proc.cmdline() or [proc.name()])[0].split(" ")[0][:48]
-                    by_name[name] += self._memory(proc)
-                except psutil.Error:
-                    continue  # exited meanwhile
-            total = sum(by_name.values())
-            if total > self.peak_bytes:
-                self.peak_bytes, self.peak_by_name = total, dict(by_name)
-
-    def _memory(self, proc: psutil.Process) -> int:
-        if self.metric == "pss":
-            try:
-                return proc.memory_full_info().pss
-            except (psutil.AccessDenied, AttributeError):
-                self.metric = "rss"
-        return proc.memory_info().rss
 
 
 def valid_body(rng: random.Random) -> dict:
@@ -220,12 +161,12 @@ def main() -> None:
 
     loadavg_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = make_checkpoint(Path(tmp))
+        checkpoint = untrained_digits_checkpoint(Path(tmp))
         # the dashboard carries Serve's REST API, through which the app is deployed
         ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port(),
                  configure_logging=False, log_to_driver=False)
         try:
-            with MemorySampler() as memory:
+            with TreeMemory() as memory:
                 settings = start_app(checkpoint, free_port())
                 logger.info("app up at %s; %d clients for %.0f s", settings.url, args.clients, args.seconds)
                 records = asyncio.run(soak(settings.url, args.clients, args.seconds, args.seed))
@@ -237,7 +178,7 @@ def main() -> None:
         "benchmark": "abuse", "seconds": args.seconds, "clients": args.clients, "seed": args.seed,
         "mix": {kind: spec[0] for kind, spec in MIX.items()}, **summarize(records),
         f"peak_server_memory_mb_{memory.metric}": round(memory.peak_bytes / 2**20, 1),
-        "peak_memory_by_process_mb": {name: round(b / 2**20, 1) for name, b in memory.peak_by_name.items()},
+        "peak_memory_by_process_mb": dict(memory.peak_top),
         "end": end, "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
         "loadavg_before": loadavg_before, "loadavg_after": os.getloadavg(),
     }

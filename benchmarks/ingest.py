@@ -35,13 +35,13 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import threading
 import time
 from io import BytesIO
 from pathlib import Path
 
 import psutil
 
+from benchmarks.measure import TreeMemory
 from benchmarks.prepare import generate
 from diffusion_core.atomic_io import atomic_write_text
 
@@ -104,50 +104,6 @@ def prepare_digits(work: Path) -> str:
     if not (out / "manifest.json").is_file():
         subprocess.run([CLI, "prepare", "digits", str(out)], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     return str(out)
-
-
-class TreeMemory:
-    """Peak of the summed PSS (RSS where PSS is unreadable) of a process and its descendants."""
-
-    def __init__(self, pid: int) -> None:
-        self.root = psutil.Process(pid)
-        self.peak_bytes = 0
-        self.peak_top: list[tuple[str, float]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> TreeMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(SAMPLE_EVERY_S):
-            try:
-                procs = [self.root, *self.root.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                return
-            sizes = [(name, size) for name, size in map(_pss, procs) if size]
-            total = sum(size for _, size in sizes)
-            if total > self.peak_bytes:
-                self.peak_bytes = total
-                top = sorted(sizes, key=lambda s: -s[1])[:6]
-                self.peak_top = [(name, round(size / 2**20, 1)) for name, size in top]
-
-
-def _pss(proc: psutil.Process) -> tuple[str, int]:
-    try:
-        with proc.oneshot():
-            name = " ".join(proc.cmdline()[:2])[-60:] or proc.name()
-            try:
-                return name, proc.memory_full_info().pss
-            except (psutil.AccessDenied, AttributeError):
-                return name, proc.memory_info().rss
-    except (psutil.NoSuchProcess, psutil.ZombieProcess):
-        return "", 0
 
 
 def measure(tree: Path, dataset: str, config: dict, work: Path, label: str) -> dict:

@@ -1,7 +1,7 @@
 """Throughput and latency of the Serve app for 1-image requests, batching on and off, against calling
 the sampler directly on the same batch size.
 
-    python benchmarks/serve.py [--steps 20] [--seconds 8] [--batch-wait S] [--device cpu]
+    python -m benchmarks.serve [--steps 20] [--seconds 8] [--batch-wait S] [--device cpu]
 
 For each mode (batching on: max_images_per_batch=32; off: 1) and concurrency (1, 8, 32 clients,
 each sending its next request when the previous answer arrives), it measures images/s and p50/p95
@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import platform
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -37,12 +36,10 @@ import httpx
 import numpy as np
 import torch
 
+from benchmarks.measure import free_port, untrained_digits_checkpoint
 from diffusion_core.atomic_io import atomic_write_text
-from diffusion_core.checkpoint import DataSpec, LoadedModel, ModelSpec, load_checkpoint, save_checkpoint
-from diffusion_core.objective import ObjectiveConfig
+from diffusion_core.checkpoint import LoadedModel, load_checkpoint
 from diffusion_core.sampling_defaults import DEFAULT_SAMPLER, DEFAULT_STEPS
-from diffusion_core.schedule import ScheduleConfig
-from diffusion_core.unet import UNet, UNetConfig
 from serving.config import ServeSettings
 
 logger = logging.getLogger("benchmarks.serve")
@@ -50,20 +47,6 @@ RESULTS = Path(__file__).parent / "results" / "serve.json"
 CONCURRENCY = (1, 8, 32)
 MODES = {"batching_on": 32, "batching_off": 1}
 REPLICA_CPUS = 1
-
-
-def make_checkpoint(directory: Path) -> Path:
-    torch.manual_seed(0)
-    config = UNetConfig.digits_default()
-    spec = ModelSpec(unet=config, schedule=ScheduleConfig(), objective=ObjectiveConfig(),
-                     data=DataSpec(image_size=8, channels=1, label_names=[str(i) for i in range(10)]))
-    return save_checkpoint(directory / "checkpoint", UNet(config), spec)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def percentile_ms(latencies: list[float], q: float) -> float:
@@ -195,7 +178,7 @@ def main() -> None:
 
     loadavg_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = make_checkpoint(Path(tmp))
+        checkpoint = untrained_digits_checkpoint(Path(tmp))
         torch.set_num_threads(REPLICA_CPUS)
         loaded = load_checkpoint(checkpoint, device=args.device)
         direct = {str(b): direct_rate(loaded, b, args.steps, args.seconds / 2) for b in args.concurrency}

@@ -346,8 +346,6 @@ class UNet(nn.Module):
                               f"{tuple(labels.shape)}")
         bad = (labels < NULL_LABEL) | (labels >= num_classes)
         if bool(bad.any()):
-            raise ConfigError(
-                f"labels: {labels[bad][:5].tolist()} out of range; accepted: 0..{num_classes - 1} or "
-                f"NULL_LABEL={NULL_LABEL}"
-            )
+            raise ConfigError(f"labels: each must be a class of this model; accepted: integers "
+                              f"0..{num_classes - 1}, or {NULL_LABEL} for an unconditional image")
         return torch.where(labels == NULL_LABEL, torch.full_like(labels, num_classes), labels).long()

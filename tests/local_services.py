@@ -1,5 +1,5 @@
 """Helpers for tests that start local services: free loopback ports, waiting for HTTP, stopping
-process groups. A plain module, not conftest: `from conftest import ...` is ambiguous once a
+process groups. A plain module, not conftest: `from local_services import ...` is ambiguous once a
 subfolder has its own conftest.py, and pytest may resolve it to that one."""
 
 from __future__ import annotations

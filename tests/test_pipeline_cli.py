@@ -8,7 +8,6 @@ import logging
 from pathlib import Path
 
 import pytest
-from conftest import free_port
 from typer.testing import CliRunner
 
 from diffusion_core.data.manifest import DatasetManifest
@@ -155,16 +154,6 @@ def test_run_prints_the_serve_command_with_only_the_flags_serve_needs(folder: Pa
     from_env = CliContext(config=Path("c.yaml"))
     assert serve_command(flagged, flagged.pipeline_config({})) == "diffusion-pipeline --config c.yaml serve"
     assert serve_command(from_env, from_env.pipeline_config({})) == "diffusion-pipeline serve"
-
-
-def test_a_refused_connection_says_no_server_answers_and_how_to_start_one(
-        folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    port = free_port()
-    with pytest.raises(SystemExit) as exit_info:
-        main(["generate", "--url", f"http://127.0.0.1:{port}", "--out", str(folder / "out")])
-    assert exit_info.value.code == 1
-    err = capsys.readouterr().err
-    assert f"no server answers at http://127.0.0.1:{port}" in err and "diffusion-pipeline serve" in err
 
 
 @pytest.fixture()

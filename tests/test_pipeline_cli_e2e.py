@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import free_port
+from local_services import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -110,9 +110,10 @@ def test_serve_refuses_a_public_host_without_an_api_key(never_started):
     assert "api_key_env: required when host is not a loopback address" in str(result.exception)
 
 
-def test_serve_refuses_an_api_key_variable_that_is_not_set(never_started, monkeypatch):
+def test_serve_refuses_an_api_key_variable_that_is_not_set(never_started, monkeypatch, tmp_path):
     monkeypatch.delenv("DIFFUSION_UNSET_SERVE_KEY", raising=False)
-    args = ["serve", "--host", "0.0.0.0", "--api-key-env", "DIFFUSION_UNSET_SERVE_KEY"]
+    args = ["serve", "--host", "0.0.0.0", "--api-key-env", "DIFFUSION_UNSET_SERVE_KEY",
+            "--checkpoint", str(tmp_path)]  # a checkpoint: no registry lookup before starting
     result = CliRunner().invoke(app, args)
     assert isinstance(result.exception, ConfigError), result.exception
     assert "'DIFFUSION_UNSET_SERVE_KEY' is not set or empty" in str(result.exception)

@@ -386,6 +386,7 @@ def test_the_dashboard_refuses_a_request_without_the_token(app: ServeSettings, m
 def test_serve_pins_the_version_its_alias_points_to_when_it_starts(app: ServeSettings, registry: dict):
     """`diffusion-pipeline serve --alias champion`: the replicas load one version, pinned at start."""
     from diffusion_core.adapters.ray_dashboard import local_dashboard_url
+    from flows.cli.context import CliContext
     from flows.cli.serve import serve_until_interrupted
     from serving import control
     from serving.pinning import app_model
@@ -405,6 +406,6 @@ def test_serve_pins_the_version_its_alias_points_to_when_it_starts(app: ServeSet
         seen["served"] = model_info(cli.url)["version"]
         raise KeyboardInterrupt
 
-    serve_until_interrupted(cli, base, ray_address=None, block=while_serving)
+    serve_until_interrupted(CliContext(), cli, base, ray_address=None, block=while_serving)
     assert seen == {"pinned": champion, "served": champion}
     assert "cli" not in control.running_app_names()

@@ -128,10 +128,10 @@ def serve_command(
     }
     settings, base = context.serve_settings(serve_config, overrides)
     settings = without_alias_when_pinned(settings)
-    if settings.checkpoint_dir is None:
-        registered_version(settings.model_name, settings.tracking_uri, settings.alias, settings.version)
     if ray_address is None:  # replicas of a Ray started here inherit this environment
         require_api_key(settings, base)
+    if settings.checkpoint_dir is None:
+        registered_version(settings.model_name, settings.tracking_uri, settings.alias, settings.version)
     serve_until_interrupted(context, settings, base, ray_address)
 
 

@@ -172,7 +172,8 @@ def _feature_network_problem(candidate: CandidateScores, policy: GatePolicy) -> 
     return (f"the evaluation's feature classifier learned nothing: its held-out accuracy{accuracy} is not "
             f"clearly above chance{chance} (binomial p = {candidate.feature_p_value:.3g} > "
             f"max_feature_p_value {limit:g}); FD, precision and recall in its space say nothing about "
-            "quality, so the gate does not decide (fix the feature classifier, or --force)")
+            "quality, so the gate does not decide (fix the feature classifier, give the dataset a larger "
+            "validation split if it has only a few images, or --force)")
 
 
 def _copying(candidate: CandidateScores, policy: GatePolicy) -> str | None:
