@@ -1,7 +1,8 @@
 """Sample quality per CPU-minute, side by side: ours against the diffusers baseline, in one run.
 
-    python -m benchmarks.quality            # the measurement (~15 min on 2 quiet cores)
-    python -m benchmarks.quality --quick    # a smoke test at tiny settings (~1 min; not a measurement)
+    python -m benchmarks.quality            # the measurement (about 13-16 min on 2 quiet cores:
+                                            # 8 of training, 4 of the DDPM-1000 set, 3 of the rest)
+    python -m benchmarks.quality --quick    # a smoke test at tiny settings (not a measurement)
 
 1. Ours: the DEFAULT TrainConfig on the built-in digits, one Ray Train worker (benchmarks/train.py's
    run), sampled as users request it:
@@ -144,7 +145,7 @@ def evaluation_cost(loaded: LoadedModel, reference, extractor, config: EvalConfi
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=900, help="images per sample set")
-    parser.add_argument("--ddpm-images", type=int, default=300, help="images of the DDPM-1000 set")
+    parser.add_argument("--ddpm-images", type=int, default=200, help="images of the DDPM-1000 set")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: 20 training steps, 60 images, DDPM at 50 steps on 20 (numbers "
                              "mean nothing)")
