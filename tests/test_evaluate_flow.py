@@ -52,9 +52,10 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_flow_evaluates_registers_and_gates(prefect_harness, mlflow_store, dataset, models, feature_cache,
                                             tmp_path) -> None:
     eval_config = EvalConfig(**EVAL, cache_dir=feature_cache)
-    # The tiny test models reach precision 0.39 at best: a floor between them and random init (0.14).
+    # The tiny test models reach precision 0.26 at best (random init and 20 steps: 0.0): a floor
+    # between them.
     registry = RegistryConfig(tracking_uri=mlflow_store.tracking_uri, model_name="digits", lock_dir=tmp_path,
-                              min_precision=0.3)
+                              min_precision=0.15)
     run = lambda name: evaluate_and_register(models[name], dataset, eval_config, registry)  # noqa: E731
     bad, barely, good = run("random init"), run("barely trained"), run("trained")
     for name, outcome in (("random init", bad), ("barely trained", barely), ("trained", good)):
