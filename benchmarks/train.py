@@ -27,6 +27,7 @@ import os
 import platform
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -98,9 +99,20 @@ def worker_order(config: TrainConfig, dataset: str, steps: int) -> torch.Tensor:
     return torch.from_numpy(stream_row_indices(windows))
 
 
-def diffusers_baseline(config: TrainConfig, dataset: str, seconds: float, judge: DigitJudge) -> dict:
-    """Plain loop with diffusers' UNet2DModel + DDPMScheduler for `seconds` of training."""
-    from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
+@dataclass
+class DiffusersBaseline:
+    """The baseline after training: its EMA UNet, the DDPM scheduler it was trained with, and the
+    training figures (params, steps, train_seconds, images_per_s)."""
+
+    unet: torch.nn.Module
+    ddpm: object
+    figures: dict[str, object]
+
+
+def train_diffusers_baseline(config: TrainConfig, dataset: str, seconds: float) -> DiffusersBaseline:
+    """Plain loop with diffusers' UNet2DModel + DDPMScheduler (cosine betas) for `seconds` of
+    training, on the data order, batch size, optimiser, LR schedule and EMA of `config`."""
+    from diffusers import DDPMScheduler, UNet2DModel
 
     torch.manual_seed(config.seed)
     torch.set_num_threads(max(1, math.floor(config.cpus_per_worker)))
@@ -128,19 +140,32 @@ def diffusers_baseline(config: TrainConfig, dataset: str, seconds: float, judge:
         ema.update(unet)
         step += 1
     elapsed = time.perf_counter() - start
-    samples = diffusers_sample(ema.averaged_model(unet), DPMSolverMultistepScheduler.from_config(ddpm.config))
-    return {"params": count_parameters(unet), "steps": step, "train_seconds": round(elapsed, 1),
-            "images_per_s": round(step * config.batch_size / elapsed, 1),
-            "unconditional": judge.score(samples)}
+    figures = {"params": count_parameters(unet), "steps": step, "train_seconds": round(elapsed, 1),
+               "images_per_s": round(step * config.batch_size / elapsed, 1)}
+    return DiffusersBaseline(unet=ema.averaged_model(unet).eval(), ddpm=ddpm, figures=figures)
+
+
+def diffusers_baseline(config: TrainConfig, dataset: str, seconds: float, judge: DigitJudge) -> dict:
+    """The baseline trained for `seconds`, sampled with DPM-Solver++(2M) at 20 steps and judged."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    baseline = train_diffusers_baseline(config, dataset, seconds)
+    scheduler = DPMSolverMultistepScheduler.from_config(baseline.ddpm.config)
+    samples = diffusers_sample(baseline.unet, scheduler, NUM_SAMPLES, steps=20)
+    return {**baseline.figures, "unconditional": judge.score(samples.numpy())}
 
 
 @torch.no_grad()
-def diffusers_sample(unet, scheduler) -> np.ndarray:
-    scheduler.set_timesteps(20)
-    x = torch.randn(NUM_SAMPLES, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+def diffusers_sample(unet: torch.nn.Module, scheduler, num_images: int, steps: int,
+                     seed: int = 0) -> torch.Tensor:
+    """(num_images, 1, 8, 8) samples in [0, 1] with a diffusers scheduler at `steps` steps, from
+    one seeded generator (the initial noise, and the noise of stochastic schedulers such as DDPM)."""
+    scheduler.set_timesteps(steps)
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_images, 1, 8, 8, generator=generator)
     for t in scheduler.timesteps:
-        x = scheduler.step(unet(x, t).sample, t, x).prev_sample
-    return ((x.clamp(-1, 1) + 1) / 2).numpy()
+        x = scheduler.step(unet(x, t).sample, t, x, generator=generator).prev_sample
+    return (x.clamp(-1, 1) + 1) / 2
 
 
 def main() -> None:

@@ -36,7 +36,7 @@ from diffusion_core.errors import CheckpointError, ConfigError, describe_validat
 from diffusion_core.images import MODEL_VALUE_RANGE, to_unit_range
 from diffusion_core.objective import ObjectiveConfig
 from diffusion_core.samplers import ClipX0, random_seeds, sample
-from diffusion_core.sampling_defaults import DEFAULT_SAMPLER, DEFAULT_STEPS
+from diffusion_core.sampling_defaults import DEFAULT_GUIDANCE_SCALE, DEFAULT_SAMPLER, DEFAULT_STEPS
 from diffusion_core.schedule import NoiseSchedule, ScheduleConfig
 from diffusion_core.unet import MAX_CLASSES, MAX_IMAGE_SIZE, UNet, UNetConfig
 
@@ -244,7 +244,7 @@ class LoadedModel:
         sampler: str = DEFAULT_SAMPLER,
         seeds: Sequence[int] | None = None,
         labels: Sequence[int] | Tensor | None = None,
-        guidance_scale: float = 1.0,
+        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
         eta: float = 0.0,
         clip_x0: ClipX0 | Literal["auto"] = "auto",
         unconditional: bool = False,

@@ -11,10 +11,21 @@ as a custom `feature=` module. Two calling conventions are supported (`inception
 - "float_299": any TorchScript module taking float (N, 3, 299, 299) in [0, 1] -> (N, D).
 
 Grey images are repeated to three channels. Nothing here downloads anything.
+
+A TorchScript file is code: `torch.jit.load` rebuilds its modules and their forward runs whatever
+the file says. So the file is read into memory once, its SHA-256 checked against
+`expected_sha256`, and only those same bytes are handed to the loader (no window in which the file
+can be swapped). The default is NVIDIA's `inception-2015-12-05.pt` (StyleGAN2-ADA/StyleGAN3
+metrics, https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/
+inception-2015-12-05.pt); its digest is the one crowsonkb/k-diffusion verifies after downloading
+that URL (k_diffusion/evaluation.py, InceptionV3FeatureExtractor). Another file is loaded only when
+the user configures its hash (`evaluate.inception_sha256`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
 from pathlib import Path
 from typing import Literal
@@ -27,6 +38,9 @@ from diffusion_core.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 InceptionInput = Literal["nvlabs_uint8", "float_299"]
+NVLABS_INCEPTION_SHA256 = "f58cb9b6ec323ed63459aa4fb441fe750cfe39fafad6da5cb504a16f19e958f4"
+# NVIDIA's file is 95.6 MB: a bound that it fits and that keeps a wrong path from filling memory.
+MAX_INCEPTION_BYTES = 512 * 1024 * 1024
 
 
 class InceptionAdapter(nn.Module):
@@ -53,8 +67,10 @@ class InceptionAdapter(nn.Module):
         return self.scripted(x)
 
 
-def load_inception(path: Path | str | None, convention: InceptionInput = "nvlabs_uint8") -> nn.Module:
-    """Load the user's TorchScript Inception; a clear ConfigError when it is not there."""
+def load_inception(path: Path | str | None, convention: InceptionInput = "nvlabs_uint8",
+                   expected_sha256: str = NVLABS_INCEPTION_SHA256) -> nn.Module:
+    """Load the user's TorchScript Inception after checking its SHA-256; a clear ConfigError when
+    the file is missing, too large or not the expected one (then nothing of it was executed)."""
     if path is None:
         raise ConfigError(
             "evaluate.inception_path is not set: Inception FID needs a local TorchScript Inception file",
@@ -65,9 +81,23 @@ def load_inception(path: Path | str | None, convention: InceptionInput = "nvlabs
     if not p.is_file():
         raise ConfigError(f"evaluate.inception_path: file {str(p)!r} does not exist",
                           hint="point it at a local TorchScript Inception (e.g. inception-2015-12-05.pt)")
-    # TorchScript archives are code + tensors loaded by the TorchScript loader, not arbitrary pickles.
-    scripted = torch.jit.load(str(p), map_location="cpu").eval()
+    content = _read_bounded(p)
+    if hashlib.sha256(content).hexdigest() != expected_sha256.lower():
+        raise ConfigError(
+            "evaluate.inception_path: the file's SHA-256 is not evaluate.inception_sha256; refusing to "
+            "load it (a TorchScript file runs its own code)",
+            hint="use NVIDIA's inception-2015-12-05.pt, or set evaluate.inception_sha256 to the SHA-256 "
+                 "of a file you trust")
+    scripted = torch.jit.load(io.BytesIO(content), map_location="cpu").eval()
     return InceptionAdapter(scripted, convention).eval()
+
+
+def _read_bounded(path: Path) -> bytes:
+    with path.open("rb") as f:
+        content = f.read(MAX_INCEPTION_BYTES + 1)
+    if len(content) > MAX_INCEPTION_BYTES:
+        raise ConfigError(f"evaluate.inception_path: accepted: files up to {MAX_INCEPTION_BYTES >> 20} MiB")
+    return content
 
 
 def to_uint8_pixels(images: Tensor) -> Tensor:

@@ -1,4 +1,4 @@
-"""Distribution distances between two sets of feature vectors.
+"""Distribution distances between two sets of feature vectors, and the binomial tail of an accuracy.
 
 Everything here works on features, never on images: `real` and `fake` are (N, D) float tensors
 produced by the same feature network (see `metrics_features`). All statistics are computed in
@@ -94,3 +94,23 @@ def normalised_entropy(histogram: list[float]) -> float:
         raise ValueError(f"histogram: normalised entropy needs >= 2 classes, got {len(histogram)}")
     entropy = -sum(p * math.log(p) for p in histogram if p > 0)
     return max(0.0, entropy / math.log(len(histogram)))  # no -0.0 for a single class
+
+
+def binomial_upper_tail(successes: int, trials: int, p: float) -> float:
+    """P[X >= successes] for X ~ Binomial(trials, p): the one-sided p-value of `successes` correct
+    answers out of `trials` when each is right with probability p by chance,
+
+        sum_{i=k}^{n} C(n, i) p^i (1 - p)^(n - i),
+
+    summed in log space (lgamma), exact up to float rounding for any n."""
+    if not 0 <= successes <= trials or not 0.0 <= p <= 1.0:
+        raise ValueError("binomial_upper_tail: needs 0 <= successes <= trials and 0 <= p <= 1")
+    if successes == 0 or p == 1.0:
+        return 1.0
+    if p == 0.0:
+        return 0.0
+    log_p, log_q = math.log(p), math.log1p(-p)
+    log_terms = [math.lgamma(trials + 1) - math.lgamma(i + 1) - math.lgamma(trials - i + 1)
+                 + i * log_p + (trials - i) * log_q for i in range(successes, trials + 1)]
+    top = max(log_terms)
+    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in log_terms))

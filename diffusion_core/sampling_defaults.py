@@ -19,6 +19,8 @@ SamplerName = Literal["dpmpp_2m", "ddim", "ddpm"]
 SAMPLER_NAMES: tuple[str, ...] = get_args(SamplerName)
 DEFAULT_SAMPLER: SamplerName = "dpmpp_2m"
 DEFAULT_STEPS = 20
+# Guidance of a request that names none: 1 samples the conditional model as trained (no guidance).
+DEFAULT_GUIDANCE_SCALE = 1.0
 # Samplers whose stochasticity `eta` is a free parameter (the others require eta = 0).
 ETA_SAMPLERS: tuple[str, ...] = ("ddim",)
 # Seeds seed torch.Generator, which takes a signed 64-bit integer.

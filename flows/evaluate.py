@@ -1,11 +1,12 @@
 """Prefect flow `evaluate_and_register`: checkpoint -> evaluation -> registered version -> gate.
 
     load the dataset's splits  ->  feature classifier (trained once per fingerprint, cached)
-    ->  evaluate the checkpoint  ->  log + register it (alias `candidate`, eval numbers as tags and
-    as metrics of the logged model on the validation split, classifier as an artifact, a grid of
-    the evaluation's first samples as the run's `evaluation` image)  ->  promotion gate against
-    `champion` (the champion is re-evaluated with the same data, sample count and seed unless its
-    recorded number matches)
+    ->  evaluate the checkpoint (the default request, the headline; the null label and guidance
+    beside it; memorisation; the feature classifier's held-out check)  ->  log + register it
+    (alias `candidate`, eval numbers as version tags and as metrics of the logged model on the
+    validation split, classifier as an artifact, a grid of the headline's first samples as the
+    run's `evaluation` image)  ->  promotion gate against `champion` (the champion's headline is
+    re-evaluated with the same data, sample count and seed unless its recorded number matches)
 
 `evaluate_and_register(checkpoint_dir, dataset_uri, eval_config, registry_config)` returns the
 evaluation, the registered version and the gate's decision (`EvaluateOutcome`).
@@ -24,6 +25,7 @@ from pydantic import BaseModel, ConfigDict
 
 from diffusion_core.adapters.mlflow_registry import (
     EVAL_KEY_TAG,
+    GUIDED_SCALE_TAG,
     EvaluationDataset,
     ModelVersionInfo,
     PromotionDecision,
@@ -37,11 +39,11 @@ from diffusion_core.metrics import (
     EvalConfig,
     EvalResult,
     ReferenceData,
+    eval_seeds,
     evaluate_model,
     feature_extractor_for,
     generate_eval_samples,
     reference_from_dataset,
-    requested_labels_for,
 )
 from diffusion_core.metrics_features import FeatureExtractor
 from diffusion_core.training import read_training_step
@@ -66,13 +68,18 @@ class EvaluateOutcome(BaseModel):
 
 
 def eval_tags(result: EvalResult, config: EvalConfig) -> dict[str, str]:
-    """Version tags that make an FD reproducible and comparable (the gate reads `eval_key`)."""
-    return {
-        EVAL_KEY_TAG: result.eval_key, "eval_num_samples": str(config.num_samples),
-        "eval_sampler": config.sampler, "eval_steps": str(config.steps), "eval_seed": str(config.seed),
+    """Version tags that make an FD reproducible and comparable (the gate reads `eval_key`) and say
+    what was measured (the headline is the default request: no labels)."""
+    tags = {
+        EVAL_KEY_TAG: result.eval_key, "eval_request": "default (no labels)",
+        "eval_num_samples": str(config.num_samples), "eval_sampler": config.sampler,
+        "eval_steps": str(config.steps), "eval_seed": str(config.seed),
         "eval_guidance_scale": repr(config.guidance_scale), "eval_feature_kind": result.feature_kind,
         "eval_class_histogram": json.dumps([round(p, 4) for p in result.class_histogram]),
     }
+    if result.guided_scale is not None:
+        tags[GUIDED_SCALE_TAG] = f"{result.guided_scale:g}"
+    return tags
 
 
 # Tensors and modules flow between these tasks in memory: NO_CACHE keeps Prefect from hashing them.
@@ -113,21 +120,22 @@ def register_version(checkpoint_dir: Path, evaluation: EvalResult, eval_config: 
 @task(name="evaluation-grid", cache_policy=NO_CACHE)
 def log_evaluation_grid(checkpoint_dir: Path, config: EvalConfig, version: ModelVersionInfo,
                         registry: RegistryConfig) -> None:
-    """The evaluation's first images, one column per label, as the `evaluation` image of the
-    version's run at the checkpoint's training step. Sample i of an evaluation depends only on
-    seed config.seed + i and its label, so generating the first few again gives exactly those
-    images. A picture is not worth failing a registration for: errors become a warning."""
+    """The headline's first images (the default request), one column per drawn label, as the
+    `evaluation` image of the version's run at the checkpoint's training step. Sample i of an
+    evaluation depends only on seed config.seed + i (its label is drawn from that seed), so
+    generating the first few again gives exactly those images. A picture is not worth failing a
+    registration for: errors become a warning."""
     from diffusion_core.adapters.mlflow_tracking import log_sample_grid
 
     if not version.run_id:
         return
     loaded = load_checkpoint(checkpoint_dir, use_ema=config.use_ema, device=config.device)
-    labels = requested_labels_for(loaded, config)
     count = min(config.num_samples, EVALUATION_GRID_ROWS * (loaded.spec.unet.num_classes or 8),
                 EVALUATION_GRID_MAX)
-    first = None if labels is None else labels[:count]
-    images = generate_eval_samples(loaded, config.model_copy(update={"num_samples": count}), first)
-    log_sample_grid(registry.tracking_uri, version.run_id, images, first, loaded.spec.data.label_names,
+    first = config.model_copy(update={"num_samples": count})
+    labels = loaded.default_labels(eval_seeds(first))
+    images = generate_eval_samples(loaded, first, "evaluation grid", config.guidance_scale)
+    log_sample_grid(registry.tracking_uri, version.run_id, images, labels, loaded.spec.data.label_names,
                     key=EVALUATION_IMAGE_KEY, step=_training_step(checkpoint_dir))
 
 
@@ -141,10 +149,11 @@ def _training_step(checkpoint_dir: Path) -> int:
 
 def champion_reevaluator(reference: ReferenceData, extractor: FeatureExtractor, config: EvalConfig,
                          registry: RegistryConfig) -> Callable[[str], float]:
-    """reevaluate(model_uri) -> fd: download a registered version and evaluate it like the candidate."""
+    """reevaluate(model_uri) -> fd: download a registered version and evaluate its headline like the
+    candidate's (the side passes are not needed for the comparison)."""
     def reevaluate(model_uri: str) -> float:
         with registry_checkpoint(model_uri, registry.tracking_uri) as directory:
-            return evaluate_checkpoint.fn(directory, reference, extractor, config).fd
+            return evaluate_checkpoint.fn(directory, reference, extractor, config.headline_only()).fd
     return reevaluate
 
 

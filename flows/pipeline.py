@@ -234,7 +234,7 @@ def _run_name(key: str, force: bool) -> str:
 
 def _unchanged_result(dataset: PrepareResult, version: ModelVersionInfo, is_champion: bool) -> PipelineResult:
     # The version's recorded evaluation: version tags named like EvalResult.as_metrics() keys.
-    names = {f"eval_{field}" for field in EvalResult.model_fields}
+    names = EvalResult.metric_names()
     metrics = {k: v for k, v in numeric_tags(version.tags).items() if k in names}
     return PipelineResult(
         dataset_uri=dataset.uri, dataset_fingerprint=dataset.manifest.fingerprint,

@@ -48,7 +48,9 @@ from diffusion_core.metrics_features import FeatureExtractor, FeatureNetConfig, 
 
 # Versions registered by log_and_register always carry their data spec; the gate compares only those.
 DIGITS_SPEC = DataSpecKey(image_size=8, channels=1, label_names=[str(i) for i in range(10)]).to_tag()
-GOOD = {"eval_precision": "0.9", "eval_recall": "0.9", "eval_key": "k", DATA_SPEC_TAG: DIGITS_SPEC}
+# Above the quality floor, not copying, measured with a feature classifier that learned its data.
+GOOD = {"eval_precision": "0.9", "eval_recall": "0.9", "eval_key": "k", DATA_SPEC_TAG: DIGITS_SPEC,
+        "eval_copy_share": "0.1", "eval_feature_kind": "trained_classifier", "eval_feature_p_value": "0.0"}
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +80,8 @@ def alias(client: MlflowClient, name: str, which: str) -> str | None:
 
 def test_the_first_version_must_pass_the_quality_floor(mlflow_store, tmp_path) -> None:
     client = MlflowClient(mlflow_store.tracking_uri)
-    v1 = bare_version(client, "floor", {"eval_fd": "400.0", "eval_precision": "0.1", "eval_recall": "0.2",
-                                        "eval_key": "k"})
+    v1 = bare_version(client, "floor", {**GOOD, "eval_fd": "400.0", "eval_precision": "0.1",
+                                        "eval_recall": "0.2"})
     decision = promote_if_better("floor", v1, tracking_uri=mlflow_store.tracking_uri, lock_dir=tmp_path)
     assert decision.action == "rejected" and "quality floor" in decision.reason
     assert alias(client, "floor", CHAMPION) is None
@@ -137,7 +139,7 @@ def test_scores_from_different_feature_networks_never_compare(checkpoint, one_to
     generator = torch.Generator().manual_seed(0)
     images = torch.rand(40, 1, 8, 8, generator=generator)
     reference = ReferenceData("fp", images, None, images[:20], None)
-    config = EvalConfig(num_samples=8, steps=2, batch_size=8, class_conditional=False)
+    config = EvalConfig(num_samples=8, steps=2, batch_size=8).headline_only()
     first = random_feature_extractor(1, FeatureNetConfig())
     net = random_feature_extractor(1, FeatureNetConfig()).net
     with torch.no_grad():

@@ -52,9 +52,10 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_flow_evaluates_registers_and_gates(prefect_harness, mlflow_store, dataset, models, feature_cache,
                                             tmp_path) -> None:
     eval_config = EvalConfig(**EVAL, cache_dir=feature_cache)
-    # The tiny test models reach precision 0.39 at best: a floor between them and random init (0.14).
+    # The tiny test models reach precision 0.26 at best (random init and 20 steps: 0.0): a floor
+    # between them.
     registry = RegistryConfig(tracking_uri=mlflow_store.tracking_uri, model_name="digits", lock_dir=tmp_path,
-                              min_precision=0.3)
+                              min_precision=0.15)
     run = lambda name: evaluate_and_register(models[name], dataset, eval_config, registry)  # noqa: E731
     bad, barely, good = run("random init"), run("barely trained"), run("trained")
     for name, outcome in (("random init", bad), ("barely trained", barely), ("trained", good)):
@@ -117,7 +118,9 @@ def test_cli_evaluate_register_promote_rollback(mlflow_store, dataset, models, f
     client = MlflowClient(mlflow_store.tracking_uri)
     assert str(client.get_model_version_by_alias("cli-digits", CHAMPION).version) == "1"
     for version, fd in (("1", "10.0"), ("2", "50.0")):  # comparable numbers: version 2 is worse
-        tags = {"eval_fd": fd, "eval_key": "same-settings", "eval_precision": "0.9", "eval_recall": "0.9"}
+        tags = {"eval_fd": fd, "eval_key": "same-settings", "eval_precision": "0.9", "eval_recall": "0.9",
+                "eval_copy_share": "0.1", "eval_feature_kind": "trained_classifier",
+                "eval_feature_p_value": "0"}
         for key, value in tags.items():
             client.set_model_version_tag("cli-digits", version, key, value)
     assert run("promote", "2") == 1  # the gate rejects: the documented exit code

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -22,6 +23,7 @@ from diffusion_core.metrics_features import (
 )
 from diffusion_core.metrics_fid import InceptionAdapter, inception_fid, load_inception, to_uint8_pixels
 from diffusion_core.metrics_stats import (
+    binomial_upper_tail,
     class_histogram,
     frechet_distance,
     frechet_distance_from_stats,
@@ -80,6 +82,18 @@ def test_precision_recall_identical_disjoint_and_collapsed_sets() -> None:
 def test_precision_recall_rejects_k_too_large() -> None:
     with pytest.raises(ValueError, match="k must be"):
         precision_recall(torch.zeros(3, 2), torch.zeros(3, 2), k=3)
+
+
+def test_binomial_upper_tail_matches_scipy_and_closed_forms() -> None:
+    from scipy.stats import binom
+
+    for k, n, p in ((11, 19, 0.579), (17, 19, 0.579), (350, 360, 0.11), (0, 5, 0.3), (5, 5, 0.5)):
+        expected = float(binom.sf(k - 1, n, p))
+        assert binomial_upper_tail(k, n, p) == pytest.approx(expected, rel=1e-9, abs=1e-300)
+    assert binomial_upper_tail(5, 5, 0.5) == pytest.approx(1 / 32)  # all right by coin flips
+    assert binomial_upper_tail(3, 10, 0.0) == 0.0 and binomial_upper_tail(3, 10, 1.0) == 1.0
+    with pytest.raises(ValueError, match="successes"):
+        binomial_upper_tail(11, 10, 0.5)
 
 
 def test_class_histogram_and_entropy() -> None:
@@ -171,11 +185,14 @@ def test_random_feature_fallback_still_separates_noise(digits) -> None:
 def test_unlabelled_evaluation_reports_no_class_entropy(digits) -> None:
     """Random features have one dummy class: an entropy of 1.0 would read as perfect diversity."""
     numbers = evaluate_samples(digits.train_images[:100], digits.val_images, random_feature_extractor(1,
-                               FeatureNetConfig()))
-    assert numbers["class_entropy"] is None
-    result = EvalResult(**numbers, feature_kind="random_features", eval_key="k")
+                               FeatureNetConfig()), requested_labels=digits.train_labels[:100])
+    assert numbers["class_entropy"] is None and numbers["label_accuracy"] is None
+    result = EvalResult(**numbers, copy_share=0.1, nn_distance_ratio=1.0, feature_kind="random_features",
+                        eval_key="k")
     assert "eval_class_entropy" not in result.as_metrics()
-    assert set(result.as_metrics()) == {"eval_fd", "eval_precision", "eval_recall"}
+    assert set(result.as_metrics()) == {"eval_fd", "eval_precision", "eval_recall", "eval_copy_share",
+                                        "eval_nn_distance_ratio"}
+    assert set(result.as_metrics()) <= EvalResult.metric_names()
 
 
 def test_reference_from_model_space_maps_minus_one_one_to_unit_range() -> None:
@@ -188,8 +205,14 @@ def test_reference_from_model_space_maps_minus_one_one_to_unit_range() -> None:
 def test_eval_key_changes_with_every_setting_that_changes_the_number() -> None:
     base = EvalConfig()
     key = eval_settings_key("fp", 360, base, "w")
-    assert key == eval_settings_key("fp", 360, EvalConfig(batch_size=7, device="cpu"), "w")  # no effect on FD
-    for changed in ({"num_samples": 600}, {"seed": 1}, {"steps": 10}, {"sampler": "ddim"}):
+    # No effect on the headline numbers: how it is computed, and the side passes.
+    for same in ({"batch_size": 7, "device": "cpu"}, {"null_label_pass": False, "guided_scale": None},
+                 {"guided_scale": 3.0}, {"inception_path": "x.pt"}):
+        assert eval_settings_key("fp", 360, EvalConfig(**same), "w") == key, same
+    assert eval_settings_key("fp", 360, base.headline_only(), "w") == key
+    for changed in ({"num_samples": 600}, {"seed": 1}, {"steps": 10}, {"sampler": "ddim"},
+                    {"guidance_scale": 2.0}, {"clip_x0": None}, {"nearest_k": 5}, {"use_ema": False},
+                    {"feature_net": FeatureNetConfig(steps=500)}):
         assert eval_settings_key("fp", 360, EvalConfig(**changed), "w") != key, changed
     assert eval_settings_key("other", 360, base, "w") != key
     assert eval_settings_key("fp", 360, base, "other feature weights") != key
@@ -213,7 +236,7 @@ class _TinyFeatures(torch.nn.Module):
 def test_inception_fid_through_torchmetrics_with_a_local_torchscript_file(digits, tmp_path: Path) -> None:
     path = tmp_path / "inception.pt"
     torch.jit.script(_TinyFeatures()).save(str(path))
-    inception = load_inception(path, "float_299")
+    inception = load_inception(path, "float_299", hashlib.sha256(path.read_bytes()).hexdigest())
     corrupt = _corruptions(digits)
     real = inception_fid(digits.val_images[:100], corrupt["real (held-out train images)"][:100], inception)
     noise = inception_fid(digits.val_images[:100], corrupt["gaussian noise"][:100], inception)
@@ -273,6 +296,36 @@ def test_inception_fid_without_weights_file_says_what_to_do(tmp_path: Path) -> N
     assert "inception-2015-12-05.pt" in err.value.hint
     with pytest.raises(ConfigError, match="does not exist"):
         load_inception(tmp_path / "missing.pt")
+
+
+class _RecordsItsCall(torch.nn.Module):
+    """A TorchScript file that is not NVIDIA's Inception: a stand-in for a planted file."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)
+
+
+def test_an_inception_file_without_the_pinned_sha256_is_refused_before_loading(tmp_path, monkeypatch) -> None:
+    """Regression (issue 12): torch.jit.load runs the file's code, so a file whose SHA-256 is not
+    NVIDIA's inception-2015-12-05.pt (or the one the user configured) must never reach it."""
+    path = tmp_path / "inception-2015-12-05.pt"
+    torch.jit.script(_RecordsItsCall()).save(str(path))
+    loads: list[object] = []
+    real_load = torch.jit.load
+    monkeypatch.setattr(torch.jit, "load", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    with pytest.raises(ConfigError, match=r"SHA-256 is not evaluate\.inception_sha256") as err:
+        load_inception(path, "float_299")
+    assert loads == [] and "inception_sha256" in err.value.hint
+    with pytest.raises(ConfigError, match="SHA-256"):  # the config's default is the same pin
+        load_inception(path, "float_299", EvalConfig().inception_sha256)
+    # The user vouches for this file by its hash: then, and only then, it loads.
+    trusted = load_inception(path, "float_299", hashlib.sha256(path.read_bytes()).hexdigest())
+    assert len(loads) == 1 and isinstance(trusted, InceptionAdapter)
+
+
+def test_eval_config_accepts_only_a_sha256_for_the_inception_file() -> None:
+    with pytest.raises(ValueError, match="inception_sha256"):
+        EvalConfig(inception_sha256="not-a-hash")
 
 
 @pytest.mark.parametrize("value", [0, -1.0, "static"])

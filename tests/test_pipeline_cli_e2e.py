@@ -33,7 +33,7 @@ INTERRUPT_WITHIN_S = 60  # generous for a loaded 2-core CI machine; measured ~20
 TINY = {
     "train": {"steps": 200, "batch_size": 32, "warmup_steps": 5, "checkpoint_every": 20, "log_every": 10,
               "num_sample_images": 8, "sample_steps": 5, "unet": {"base_channels": 16, "num_res_blocks": 1}},
-    "evaluate": {"num_samples": 40, "steps": 5, "batch_size": 40, "feature_net": {"epochs": 2}},
+    "evaluate": {"num_samples": 40, "steps": 5, "batch_size": 40, "feature_net": {"steps": 50}},
 }
 
 

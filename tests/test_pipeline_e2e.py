@@ -37,7 +37,7 @@ def tiny_config(work_dir: Path, port: int, serve: bool) -> PipelineConfig:
         # a 40-step model is far below the default quality floor; this test is about the plumbing
         registry={"min_precision": 0.0, "min_recall": 0.0},
         evaluate={"num_samples": 40, "steps": 5, "batch_size": 40, "cache_dir": str(work_dir / "fcache"),
-                  "feature_net": {"epochs": 2}},
+                  "feature_net": {"steps": 50}},
         serving={"port": port, "max_images_per_batch": 8},
     )
 

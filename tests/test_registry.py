@@ -32,7 +32,9 @@ from diffusion_core.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow  # each registration logs a model (a few seconds)
 
-GOOD_SHARES = {"eval_precision": 0.9, "eval_recall": 0.9}  # above the default quality floor
+# Above the default quality floor, not copying, measured by a feature classifier that learned its data.
+GOOD_SHARES = {"eval_precision": 0.9, "eval_recall": 0.9, "eval_copy_share": 0.1, "eval_feature_p_value": 0.0}
+FEATURES = {"eval_feature_kind": "trained_classifier"}
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +46,7 @@ def _register(checkpoint: Path, name: str, uri: str, lock_dir: Path, fd: float |
               eval_key: str = "key-a", **kwargs) -> str:
     metrics = None if fd is None else {"eval_fd": fd, **GOOD_SHARES}
     info = log_and_register(checkpoint, model_name=name, tracking_uri=uri, metrics=metrics,
-                            tags={"eval_key": eval_key}, lock_dir=lock_dir, **kwargs)
+                            tags={"eval_key": eval_key, **FEATURES}, lock_dir=lock_dir, **kwargs)
     return info.version
 
 
@@ -71,7 +73,7 @@ def test_register_tags_candidate_and_champion_loads_via_pyfunc(mlflow_store, che
     uri = mlflow_store.tracking_uri
     info = log_and_register(checkpoint, model_name="digits", tracking_uri=uri,
                             metrics={"eval_fd": 12.5, **GOOD_SHARES},
-                            tags={"eval_key": "k", "eval_sampler": "ddim"}, lock_dir=tmp_path)
+                            tags={"eval_key": "k", "eval_sampler": "ddim", **FEATURES}, lock_dir=tmp_path)
     assert info.version == "1" and info.aliases == [CANDIDATE]
     assert info.tags["dataset_fingerprint"] == "digits-test" and info.tags["eval_fd"] == "12.5"
     assert info.tags["training_run_id"] == info.run_id

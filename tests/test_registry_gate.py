@@ -16,10 +16,21 @@ from diffusion_core.adapters.mlflow_registry.lineage import (
 )
 
 POLICY = GatePolicy(margin=0.02, min_precision=0.5, min_recall=0.5)
+# With the rules on recorded copying and on the feature network (RegistryConfig's defaults).
+FULL = GatePolicy(margin=0.02, min_precision=0.5, min_recall=0.5, max_copy_share=0.3,
+                  max_feature_p_value=0.01)
 
 
 def good(fd: float) -> CandidateScores:
     return CandidateScores(fd=fd, precision=0.9, recall=0.9)
+
+
+def evaluated(**changes: object) -> CandidateScores:
+    """A candidate that passes every rule of FULL, with `changes`."""
+    scores = {"fd": 10.0, "precision": 0.9, "recall": 0.9, "copy_share": 0.1,
+              "feature_kind": "trained_classifier", "feature_accuracy": 0.97, "feature_chance": 0.11,
+              "feature_p_value": 1e-30, **changes}
+    return CandidateScores(**scores)
 
 
 def test_the_candidate_must_beat_the_champion_by_the_relative_margin() -> None:
@@ -101,6 +112,53 @@ def test_recorded_scores_parse_to_none_number_or_nan() -> None:
 
 
 def test_the_config_builds_the_policy_with_the_documented_defaults() -> None:
-    assert RegistryConfig().gate_policy() == GatePolicy(margin=0.02, min_precision=0.5, min_recall=0.5)
+    assert RegistryConfig().gate_policy() == FULL
     with pytest.raises(ValueError, match="min_precision"):
         RegistryConfig(min_precision=1.5)
+    off = RegistryConfig(max_copy_share=None, max_feature_p_value=None,
+                         untrained_features="refuse").gate_policy()
+    assert (off.max_copy_share, off.max_feature_p_value, off.untrained_features) == (None, None, "refuse")
+
+
+def test_a_candidate_that_copies_its_training_set_is_rejected_whatever_its_fd() -> None:
+    assert decide(evaluated(copy_share=0.3), None, FULL).action == "promoted"  # the bound is inclusive
+    verdict = decide(evaluated(fd=0.1, copy_share=0.95), 10.0, FULL)  # far better FD than the champion
+    assert verdict.action == "rejected"
+    assert "memorisation" in verdict.reason and "max_copy_share" in verdict.reason
+
+
+def test_the_gate_does_not_decide_on_a_feature_classifier_at_chance() -> None:
+    """The squares-and-circles case: held-out accuracy 11/19 against a majority share of 11/19."""
+    at_chance = evaluated(feature_accuracy=0.579, feature_chance=0.579, feature_p_value=0.6)
+    verdict = decide(at_chance, None, FULL)
+    assert verdict.action == "rejected" and "learned nothing" in verdict.reason
+    assert "0.579" in verdict.reason and "max_feature_p_value" in verdict.reason
+    assert decide(evaluated(feature_p_value=0.009), None, FULL).action == "promoted"
+    no_check = GatePolicy(margin=0.02, min_precision=0.5, min_recall=0.5)
+    assert decide(at_chance, None, no_check).action == "promoted"
+
+
+def test_random_features_are_decided_on_and_said_so_or_refused() -> None:
+    random = evaluated(feature_kind="random_features", feature_accuracy=None, feature_chance=None,
+                       feature_p_value=None)  # untrained: there is no accuracy to check
+    verdict = decide(random, None, FULL)
+    assert verdict.action == "promoted" and "untrained random-feature space" in verdict.reason
+    assert decide(random, 5.0, FULL).action == "rejected"  # still compared with the champion
+    refuse = GatePolicy(margin=0.02, min_precision=0.5, min_recall=0.5, untrained_features="refuse")
+    verdict = decide(random, None, refuse)
+    assert verdict.action == "rejected" and "untrained" in verdict.reason and "--force" in verdict.reason
+    assert decide(evaluated(), None, refuse).action == "promoted"
+
+
+def test_the_new_rules_need_their_recorded_scores_and_valid_values() -> None:
+    with pytest.raises(RegistryError, match="no eval_copy_share"):
+        decide(evaluated(copy_share=None), None, FULL)
+    with pytest.raises(RegistryError, match="no eval_feature_kind"):
+        decide(evaluated(feature_kind=None), None, FULL)
+    with pytest.raises(RegistryError, match="no eval_feature_p_value"):
+        decide(evaluated(feature_p_value=None), None, FULL)
+    for bad in ({"copy_share": math.nan}, {"copy_share": 1.5}, {"feature_p_value": -0.1}):
+        verdict = decide(evaluated(**bad), None, FULL)
+        assert verdict.action == "rejected" and "is not a number in [0, 1]" in verdict.reason, bad
+    verdict = decide(evaluated(feature_kind="made-up"), None, FULL)
+    assert verdict.action == "rejected" and "made-up" not in verdict.reason  # never echoed back

@@ -31,7 +31,9 @@ from diffusion_core.adapters.mlflow_registry import (
 
 pytestmark = pytest.mark.slow  # each registration logs a model (a few seconds)
 
-GOOD = {"eval_precision": 0.9, "eval_recall": 0.9}
+# Above the default quality floor, not copying, measured by a feature classifier that learned its data.
+GOOD = {"eval_precision": 0.9, "eval_recall": 0.9, "eval_copy_share": 0.1, "eval_feature_p_value": 0.0}
+FEATURES = {"eval_feature_kind": "trained_classifier"}
 DIGITS = DataSpecKey(image_size=8, channels=1, label_names=[str(i) for i in range(10)])
 
 
@@ -54,7 +56,7 @@ def test_other_data_is_refused_unless_named_and_then_never_compared(mlflow_store
     uri = mlflow_store.tracking_uri
     client = MlflowClient(uri)
     v1 = log_and_register(digits, model_name="diffusion-digits", tracking_uri=uri, lock_dir=tmp_path,
-                          metrics={"eval_fd": 10.0, **GOOD}, tags={"eval_key": "digits-key"})
+                          metrics={"eval_fd": 10.0, **GOOD}, tags={**FEATURES, "eval_key": "digits-key"})
     assert promote_if_better("diffusion-digits", v1.version, tracking_uri=uri, lock_dir=tmp_path).promoted
     assert champion_data_spec("diffusion-digits", uri) == DIGITS
     assert champion_data_spec("no-such-model", uri) is None
@@ -73,7 +75,7 @@ def test_other_data_is_refused_unless_named_and_then_never_compared(mlflow_store
 
     # The user named the model for it: registered, but the gate neither measures nor compares.
     v2 = log_and_register(shapes, model_name="diffusion-digits", tracking_uri=uri, lock_dir=tmp_path,
-                          metrics={"eval_fd": 0.5, **GOOD}, tags={"eval_key": "shapes-key"},
+                          metrics={"eval_fd": 0.5, **GOOD}, tags={**FEATURES, "eval_key": "shapes-key"},
                           allow_new_data_spec=True)
     decision = promote_if_better("diffusion-digits", v2.version, tracking_uri=uri, lock_dir=tmp_path,
                                  reevaluate_champion=never_called)
@@ -100,7 +102,7 @@ def test_a_champion_registered_without_the_tag_is_read_from_its_checkpoint(mlflo
     uri = mlflow_store.tracking_uri
     client = MlflowClient(uri)
     v1 = log_and_register(digits, model_name="legacy", tracking_uri=uri, lock_dir=tmp_path,
-                          metrics={"eval_fd": 10.0, **GOOD}, tags={"eval_key": "k"})
+                          metrics={"eval_fd": 10.0, **GOOD}, tags={**FEATURES, "eval_key": "k"})
     promote_if_better("legacy", v1.version, tracking_uri=uri, lock_dir=tmp_path)
     client.delete_model_version_tag("legacy", v1.version, DATA_SPEC_TAG)
     assert champion_data_spec("legacy", uri) == DIGITS
@@ -117,20 +119,21 @@ def test_the_models_page_shows_scores_on_the_named_split_and_how_each_version_wa
 
     def register(fd: float) -> str:
         return log_and_register(digits, model_name="described", tracking_uri=uri, lock_dir=tmp_path,
-                                metrics={"eval_fd": fd, **GOOD}, tags={"eval_key": "k"},
+                                metrics={"eval_fd": fd, **GOOD}, tags={**FEATURES, "eval_key": "k"},
                                 evaluation_dataset=split).version
 
     v1 = register(14.6)
     described = client.get_model_version("described", v1)
     assert described.description == ("8x8 grey class-conditional UNet (12k params) trained on "
-                                      "digits@digits-test, FD 14.6 (precision 0.90, recall 0.90) on "
-                                      "digits-val; candidate, not gated yet")
+                                      "digits@digits-test, FD 14.6 (precision 0.90, recall 0.90, "
+                                      "copy share 0.10) on digits-val; candidate, not gated yet")
     promote_if_better("described", v1, tracking_uri=uri, lock_dir=tmp_path)
     assert client.get_model_version("described", v1).description.endswith("; promoted: first champion")
     v2 = register(13.8)
     promote_if_better("described", v2, tracking_uri=uri, lock_dir=tmp_path)
     assert client.get_model_version("described", v2).description.endswith(
-        "FD 13.8 (precision 0.90, recall 0.90) on digits-val; promoted over v1 (FD 14.6)")
+        "FD 13.8 (precision 0.90, recall 0.90, copy share 0.10) on digits-val; "
+        "promoted over v1 (FD 14.6)")
     rollback("described", tracking_uri=uri, lock_dir=tmp_path)
     assert client.get_model_version("described", v1).description.endswith(
         "; champion again by rollback from v2")
@@ -159,7 +162,7 @@ def test_the_pipeline_refuses_other_data_before_training(prefect_harness, mlflow
 
     uri = mlflow_store.tracking_uri
     v1 = log_and_register(digits, model_name="diffusion-digits", tracking_uri=uri, lock_dir=tmp_path,
-                          metrics={"eval_fd": 10.0, **GOOD}, tags={"eval_key": "k"})
+                          metrics={"eval_fd": 10.0, **GOOD}, tags={**FEATURES, "eval_key": "k"})
     promote_if_better("diffusion-digits", v1.version, tracking_uri=uri, lock_dir=tmp_path)
     rng = np.random.default_rng(0)
     shapes = tmp_path / "shapes.npz"

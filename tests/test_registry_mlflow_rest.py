@@ -40,7 +40,7 @@ def default_run(mlflow_server, prefect_harness, tmp_path_factory) -> tuple[Pipel
         tracking_uri=mlflow_server.tracking_uri,
         registry={"min_precision": 0.0, "min_recall": 0.0},  # a 40-step model: plumbing, not quality
         evaluate={"num_samples": 40, "steps": 5, "batch_size": 40, "cache_dir": str(work / "fcache"),
-                  "feature_net": {"epochs": 2}},
+                  "feature_net": {"steps": 50}},
     )
     return config, retrain(config)
 
@@ -99,7 +99,8 @@ def test_the_server_shows_images_curves_evaluation_and_description(default_run, 
     version = rest(server, "model-versions/get", name="rest-digits", version=result.version)["model_version"]
     assert re.fullmatch(
         rf"8x8 grey class-conditional UNet \([\d.]+[kM] params\) trained on digits@{fingerprint[:12]}, "
-        r"FD [\d.]+ \(precision [\d.]+, recall [\d.]+\) on digits-val; promoted: first champion",
+        r"FD [\d.]+ \(precision [\d.]+, recall [\d.]+, copy share [\d.]+\) on digits-val, "
+        r"label accuracy [\d.]+, null label FD [\d.]+, guidance 2 FD [\d.]+; promoted: first champion",
         version["description"]), version["description"]
 
 

@@ -38,12 +38,13 @@ def digits_in_model_space() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def make_checkpoint(directory: Path, train_steps: int, seed: int = 0, fingerprint: str = "digits-test",
-                    lr: float = 1e-3) -> Path:
-    """A tiny class-conditional digits model, trained for `train_steps` Adam steps (0 = random init)."""
+                    lr: float = 1e-3, data: tuple[torch.Tensor, torch.Tensor] | None = None) -> Path:
+    """A tiny class-conditional digits model, trained for `train_steps` Adam steps (0 = random init)
+    on `data` (images (N, 1, 8, 8) in [-1, 1], labels (N,)), by default all 1,797 digits."""
     torch.manual_seed(seed)
     model = UNet(TINY_UNET)
     schedule, objective = NoiseSchedule.from_config(TINY_SCHEDULE), ObjectiveConfig()
-    images, labels = digits_in_model_space()
+    images, labels = data if data is not None else digits_in_model_space()
     optimiser = torch.optim.Adam(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     for _ in range(train_steps):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
@@ -70,7 +71,36 @@ def _checkpoint_directory(checkpoint: str, context: CliContext,
 
 
 def print_result(result: EvalResult) -> None:
-    table = Table(title="Evaluation", show_header=False)
-    for key, value in result.model_dump().items():
-        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    table = Table(title="Evaluation (headline: the default request, no labels)", show_header=False)
+    for key, value in sorted(result.as_metrics().items()):
+        table.add_row(key, f"{value:.4g}")
+    for key in ("feature_kind", "guided_scale", "eval_key"):
+        table.add_row(key, str(getattr(result, key)))
+    table.add_row("class_histogram", json.dumps([round(p, 3) for p in result.class_histogram]))
     Console().print(table)
+
+
+# (label, metric prefix) of each kind of request in the summary, the headline first.
+_SUMMARY_PASSES = (("default request (no labels)", "eval_"), ("null label (unconditional)", "eval_null_"),
+                   ("guided", "eval_guided_"))
+_SUMMARY_NUMBERS = (("fd", "fd"), ("precision", "precision"), ("recall", "recall"),
+                    ("label_accuracy", "label accuracy"), ("copy_share", "copy share"),
+                    ("nn_distance_ratio", "nn-distance ratio"))
+
+
+def evaluation_summary(metrics: Mapping[str, float], guided_scale: float | None = None) -> list[str]:
+    """Evaluation metrics (EvalResult.as_metrics names) as summary lines: one per kind of request
+    (the headline first; its label accuracy is the conditional accuracy: the drawn labels asked
+    for at guidance 1), then the feature network's check."""
+    lines = []
+    for label, prefix in _SUMMARY_PASSES:
+        numbers = [f"{text}={metrics[prefix + name]:.4g}" for name, text in _SUMMARY_NUMBERS
+                   if prefix + name in metrics]
+        if label == "guided" and guided_scale is not None:
+            label = f"guidance {guided_scale:g}"
+        if numbers:
+            lines.append(f"{label}: {' '.join(numbers)}")
+    if "eval_feature_accuracy" in metrics:
+        lines.append(f"feature classifier: held-out accuracy {metrics['eval_feature_accuracy']:.3f} "
+                     f"(chance {metrics.get('eval_feature_chance', float('nan')):.3f})")
+    return lines

@@ -21,6 +21,7 @@ import typer
 
 from diffusion_core.redact import has_credentials, redact_uri
 from flows.cli.context import MODEL_NAME_HELP, WORK_DIR_HELP, CliContext, cli_context
+from flows.cli.evaluate import evaluation_summary
 
 if TYPE_CHECKING:
     from flows.pipeline import PipelineResult
@@ -142,8 +143,8 @@ def _print_summary(context: CliContext, config: PipelineConfig, result: Pipeline
     served = f"version {grid.version}" + (f", the {grid.alias}" if grid.alias else "")
     typer.echo("")
     typer.echo(f"model      {result.model_name} version {result.version}: {status_line(result)}")
-    typer.echo(f"evaluation of version {result.version}: "
-               + ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.metrics.items())))
+    for i, line in enumerate(evaluation_summary(result.metrics, config.evaluate.guided_scale)):
+        typer.echo(f"{'evaluation' if i == 0 else '':<10} {line}")
     typer.echo(f"samples    {grid.path} ({grid.num_images} images by {grid.model_name} {served})")
     dataset = "reused" if result.dataset_reused else "prepared"
     typer.echo(f"time       {duration(seconds)} (dataset {dataset}, {trained})")

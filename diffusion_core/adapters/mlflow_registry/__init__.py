@@ -40,6 +40,7 @@ from diffusion_core.adapters.mlflow_registry.config import (
     DEFAULT_LOCK_TIMEOUT_S,
     EVAL_KEY_TAG,
     FD_TAG,
+    GUIDED_SCALE_TAG,
     PREVIOUS_CHAMPION,
     RegistryConfig,
 )
@@ -72,7 +73,8 @@ from diffusion_core.adapters.mlflow_registry.versions import (
 
 __all__ = [
     "CANDIDATE", "CHAMPION", "DATA_SPEC_TAG", "DEFAULT_LOCK_TIMEOUT_S", "EVAL_KEY_TAG", "FD_TAG",
-    "PREVIOUS_CHAMPION", "DataSpecKey", "EvaluationDataset", "GatePolicy", "ModelVersionInfo",
+    "GUIDED_SCALE_TAG", "PREVIOUS_CHAMPION", "DataSpecKey", "EvaluationDataset", "GatePolicy",
+    "ModelVersionInfo",
     "PromotionDecision", "RegistryConfig", "RegistryError", "champion_data_spec", "download_checkpoint",
     "generation_frame", "get_version", "list_versions", "log_and_register", "log_directory", "numeric_tags",
     "promote", "promote_if_better", "registry_lock", "require_same_lineage", "resolve_version", "rollback",

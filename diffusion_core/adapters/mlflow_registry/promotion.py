@@ -38,9 +38,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from diffusion_core.adapters.mlflow_registry.config import (
     CHAMPION,
+    COPY_SHARE_TAG,
     DEFAULT_LOCK_TIMEOUT_S,
     EVAL_KEY_TAG,
     FD_TAG,
+    FEATURE_ACCURACY_TAG,
+    FEATURE_CHANCE_TAG,
+    FEATURE_KIND_TAG,
+    FEATURE_P_VALUE_TAG,
     HISTORY_TAG,
     PENDING_TAG,
     PRECISION_TAG,
@@ -190,10 +195,7 @@ def promote_if_better(
     client = client_for(tracking_uri)
     policy = policy or RegistryConfig().gate_policy()
     candidate = version_info(client.get_model_version(name, str(version)))
-    scores = CandidateScores(
-        fd=candidate_fd if candidate_fd is not None else parse_score(candidate.tags.get(FD_TAG)),
-        precision=parse_score(candidate.tags.get(PRECISION_TAG)),
-        recall=parse_score(candidate.tags.get(RECALL_TAG)))
+    scores = _recorded_scores(candidate.tags, candidate_fd)
     eval_key = eval_key or candidate.tags.get(EVAL_KEY_TAG)
     measured: dict[str, _ChampionMeasure] = {}  # champion version -> its measure
     champion = version_by_alias(client, name, CHAMPION)
@@ -217,6 +219,17 @@ def promote_if_better(
                             hint="other promotions are running against this model; retry when they finish")
     logger.info("gate %s version %s: %s (%s)", name, version, decision.action, decision.reason)
     return decision
+
+
+def _recorded_scores(tags: dict[str, str], fd: float | None) -> CandidateScores:
+    """The candidate's evaluation from its version tags (`fd` overrides the recorded eval_fd)."""
+    return CandidateScores(
+        fd=fd if fd is not None else parse_score(tags.get(FD_TAG)),
+        precision=parse_score(tags.get(PRECISION_TAG)), recall=parse_score(tags.get(RECALL_TAG)),
+        copy_share=parse_score(tags.get(COPY_SHARE_TAG)), feature_kind=tags.get(FEATURE_KIND_TAG),
+        feature_accuracy=parse_score(tags.get(FEATURE_ACCURACY_TAG)),
+        feature_chance=parse_score(tags.get(FEATURE_CHANCE_TAG)),
+        feature_p_value=parse_score(tags.get(FEATURE_P_VALUE_TAG)))
 
 
 def promote(name: str, version: str, *, force: bool = False, policy: GatePolicy | None = None,

@@ -21,6 +21,7 @@ from diffusion_core.adapters.mlflow_registry.config import (
     CANDIDATE,
     DATA_SPEC_TAG,
     DEFAULT_LOCK_TIMEOUT_S,
+    GUIDED_SCALE_TAG,
     SUMMARY_TAG,
 )
 from diffusion_core.adapters.mlflow_registry.description import NOT_GATED, model_summary, version_description
@@ -87,7 +88,8 @@ def log_and_register(
     # registry store would resolve that URI through MLflow's process-wide tracking URI.
     source = client.get_logged_model(model_id).artifact_location
     summary = model_summary(spec, metrics, trained_on,
-                            evaluation_dataset.name if evaluation_dataset is not None else None)
+                            evaluation_dataset.name if evaluation_dataset is not None else None,
+                            (tags or {}).get(GUIDED_SCALE_TAG))
     derived = {DATA_SPEC_TAG: data_key.to_tag(), SUMMARY_TAG: summary}
     version_tags = _version_tags(spec, run_id, tags, metrics, derived)
     with registry_lock(client.tracking_uri, lock_dir, lock_timeout_s):
