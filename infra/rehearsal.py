@@ -5,7 +5,8 @@ What the cluster runs, started here as the operators of a cluster would start it
 - PostgreSQL (the system's package), as an unprivileged user on a temp data dir: MLflow's stores.
 - An S3-compatible object store (moto in server mode): MLflow's artifacts, as MinIO in compose.
 - `mlflow server` on PostgreSQL with served artifacts on S3 and basic authentication.
-- `prefect server` (SQLite in its own home) and a `prefect worker` of the project's process pool.
+- `prefect server` (SQLite in its own home), a `prefect worker` of the project's process pool, and
+  the deployments of prefect.yaml registered with `prefect deploy --all` (schedules paused).
 - Ray: a head and worker nodes from `ray start`, token authentication on (infra/local_cluster.py).
 
 Each service is a context manager whose `start()` returns a handle: URLs, the environment a
@@ -476,6 +477,66 @@ class LocalPrefectWorker:
             shutil.rmtree(self.root, ignore_errors=True)
 
 
+@dataclass(frozen=True)
+class DeploymentsHandle:
+    names: tuple[str, ...]  # as the API lists them (deployment names, without the flow's)
+    startup_s: float = 0.0
+
+
+def registered_deployments(api_url: str) -> list[dict[str, Any]]:
+    import httpx
+
+    response = httpx.post(f"{api_url}/deployments/filter", json={}, timeout=10)
+    response.raise_for_status()
+    return response.json()
+
+
+class PrefectDeployments:
+    """The project's prefect.yaml registered with `prefect deploy --all`, as an operator registers it,
+    with two changes for a machine that is not the project image: runs pull into `project_dir` (the
+    image's WORKDIR there) and every schedule is paused, since the rehearsal triggers its runs itself
+    and a nightly run would queue among them (the deployments allow one run at a time)."""
+
+    def __init__(self, prefect: PrefectHandle, project_dir: Path) -> None:
+        self.prefect, self.project_dir = prefect, project_dir
+        self.root: Path | None = None
+
+    def start(self, timeout_s: float = 300.0) -> DeploymentsHandle:
+        import yaml
+
+        started = time.monotonic()
+        self.root = Path(tempfile.mkdtemp(prefix="pdreh", dir="/tmp"))
+        document = yaml.safe_load((self.project_dir / "prefect.yaml").read_text())
+        for step in document.get("pull") or []:
+            if "prefect.deployments.steps.set_working_directory" in step:
+                step["prefect.deployments.steps.set_working_directory"]["directory"] = str(self.project_dir)
+        for deployment in document["deployments"]:
+            for schedule in deployment.get("schedules") or []:
+                schedule["active"] = False
+        prefect_file = self.root / "prefect.yaml"
+        prefect_file.write_text(yaml.safe_dump(document, sort_keys=False))
+        env = _clean_env(self.prefect.client_env(), {"PREFECT_HOME": str(self.root), "DO_NOT_TRACK": "1"})
+        cmd = [_console_script("prefect"), "--no-prompt", "deploy", "--all",
+               "--prefect-file", str(prefect_file)]
+        out = subprocess.run(cmd, cwd=self.project_dir, env=env, capture_output=True, text=True,
+                             timeout=timeout_s)
+        if out.returncode != 0:
+            raise RuntimeError(f"prefect deploy failed (rc={out.returncode}):\n{out.stdout[-3000:]}"
+                               f"{out.stderr[-3000:]}")
+        names = tuple(sorted(d["name"] for d in registered_deployments(self.prefect.api_url)))
+        expected = {d["name"] for d in document["deployments"]}
+        if not expected <= set(names):
+            raise RuntimeError(f"prefect deploy registered {names}, not all of {sorted(expected)}")
+        return DeploymentsHandle(names, time.monotonic() - started)
+
+    def alive(self) -> bool:
+        return False  # a command that has returned; the registrations live in the server
+
+    def stop(self) -> None:
+        if self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
 # ---------------------------------------------------------------- Ray
 
 
@@ -488,9 +549,11 @@ class RayHandle:
     startup_s: float = 0.0
 
     def client_env(self) -> dict[str, str]:
-        """A driver's environment: the GCS address and the token file (Ray's clients read it)."""
-        return {"RAY_ADDRESS": self.address, "RAY_AUTH_MODE": "token",
-                "RAY_AUTH_TOKEN_PATH": str(self.token_path), "RAY_USAGE_STATS_ENABLED": "0"}
+        """A driver's environment: the GCS address, the dashboard (Serve REST API, where `promote`
+        and `rollback` switch the served version) and the token file (Ray's clients read it)."""
+        return {"RAY_ADDRESS": self.address, "RAY_DASHBOARD_ADDRESS": self.dashboard_url,
+                "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_path),
+                "RAY_USAGE_STATS_ENABLED": "0"}
 
     def auth_headers(self) -> dict[str, str]:
         """For HTTP clients of the dashboard (Jobs and Serve REST APIs)."""
@@ -499,10 +562,15 @@ class RayHandle:
 
 class LocalRay:
     """A head and `num_nodes - 1` workers (`ray start`, token auth, dashboard on loopback), the
-    nodes' environment holding `node_env` as a cluster's pods do."""
+    nodes' environment holding `node_env` as a cluster's pods do.
+
+    The head's 3 logical CPUs hold a Serve app (1.25 CPU: model replica and ingress) while a
+    retraining runs beside it (a 1-CPU Train worker and Ray Data's 1-CPU read tasks), as serving
+    and training share a cluster; the worker node's CPU takes a second replica or Train worker.
+    """
 
     def __init__(self, node_env: dict[str, str] | None = None, num_nodes: int = 2, cpus_per_node: int = 1,
-                 head_cpus: int | None = 2) -> None:
+                 head_cpus: int | None = 3) -> None:
         self.cluster = LocalRayCluster(num_nodes=num_nodes, cpus_per_node=cpus_per_node,
                                        dashboard_port=free_port(), head_cpus=head_cpus,
                                        node_env=dict(node_env or {}))
@@ -537,7 +605,9 @@ class Rehearsal:
     ray: RayHandle | None = None
     prefect: PrefectHandle | None = None
     worker: PrefectWorkerHandle | None = None
-    # Where the worker runs flow runs from (the project checkout, as the image's WORKDIR).
+    deployments: DeploymentsHandle | None = None
+    # Where the worker runs flow runs from (the project checkout, as the image's WORKDIR); with it,
+    # the checkout's prefect.yaml is deployed.
     worker_cwd: Path | None = None
     startup_s: float = 0.0
     _services: list[Any] = field(default_factory=list, repr=False)
@@ -558,6 +628,8 @@ class Rehearsal:
                 self.prefect = prefect.result()
             self.worker = self._start(LocalPrefectWorker(self.prefect, self.client_env(),
                                                          cwd=self.worker_cwd))
+            if self.worker_cwd is not None:
+                self.deployments = self._start(PrefectDeployments(self.prefect, self.worker_cwd))
         except BaseException:
             self.stop()
             raise
@@ -581,7 +653,8 @@ class Rehearsal:
 
     def startup_times(self) -> dict[str, float]:
         handles = {"postgres": self.postgres, "s3": self.s3, "mlflow": self.mlflow, "ray": self.ray,
-                   "prefect_server": self.prefect, "prefect_worker": self.worker}
+                   "prefect_server": self.prefect, "prefect_worker": self.worker,
+                   "prefect_deploy": self.deployments}
         return {name: round(h.startup_s, 1) for name, h in handles.items() if h is not None}
 
     def stop(self) -> None:
@@ -603,6 +676,9 @@ class Rehearsal:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def close(self) -> None:  # contextlib.closing
+        self.stop()
+
 
 def write_env_file(path: Path, env: dict[str, str]) -> Path:
     """`export` lines for a shell, in a file only its owner can read (it holds credentials)."""
@@ -619,12 +695,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     interrupt_on_stop_signals()
-    with Rehearsal(worker_cwd=Path.cwd()) as stack:
+    stack = Rehearsal(worker_cwd=Path.cwd())
+    with contextlib.closing(stack.start(num_ray_nodes=args.ray_nodes)):
         env_file = write_env_file(args.env_file.resolve(), stack.client_env())
         print(f"MLflow        {stack.mlflow.tracking_uri}  (user {stack.mlflow.username}, "
               f"password in {env_file})")
         print(f"Prefect       {stack.prefect.api_url.removesuffix('/api')}  (pool {stack.worker.pool}, "
-              f"worker {stack.worker.name})")
+              f"worker {stack.worker.name}, deployments {', '.join(stack.deployments.names)}, "
+              "schedules paused)")
         print(f"Ray dashboard {stack.ray.dashboard_url}  "
               f"(Authorization: Bearer $(cat {stack.ray.token_path}))")
         print(f"Ray address   {stack.ray.address}")
