@@ -5,15 +5,17 @@
          (serving.switch: the same step as `promote` and `rollback`; the version is pinned in the
          model deployment's user_config, replicas reconfigure in place, in-flight requests finish
          on the old version)
-      -> start_if_not_running and the app `settings.app_name` does not serve it on the local Ray:
-         start that app there (serve_config.yaml + settings, the version pinned)
+      -> start_if_not_running and the app `settings.app_name` does not serve it on the first Ray
+         target: start that app there through Serve's REST API (serve_config.yaml + settings, the
+         version pinned)
 
 Targets: `settings.targets` (RayTarget: a cluster's dashboard, or the local Ray without one;
-KubeRayTarget: a RayService), else the local Ray. Only an app on the local Ray is ever started
-here: apps elsewhere are owned by whoever deployed them (KubeRay, `serve deploy`). When a target
-is the local Ray, `connect_ray(ray_address)` connects first (the cluster at `ray_address` or
-RAY_ADDRESS, else a new local Ray that lives as long as this process; the `run` command connects
-first and stops it when it is done).
+KubeRayTarget: a RayService), else the local Ray. An app is started only on the first RayTarget
+(the cluster the pipeline runs on: the local Ray, or the dashboard URL that training was submitted
+to); a RayService's apps belong to KubeRay and are only switched. When a target is the local
+Ray, `connect_ray(ray_address)` connects first (the cluster at `ray_address` or RAY_ADDRESS, else a
+new local Ray that lives as long as this process; the `run` command connects first and stops it
+when it is done).
 """
 
 from __future__ import annotations
@@ -87,18 +89,20 @@ def deploy_model(
     if local:
         connect_ray(ray_address)  # a Ray started here lives until this process exits, with its app
     report = switch_to_version(model_name, pinned, alias, targets, timeout_s)
-    start = start_if_not_running and local and settings.app_name not in {o.app_name for o in report.serving}
+    home = next((t for t in targets if isinstance(t, RayTarget)), None)
+    start = (start_if_not_running and home is not None
+             and settings.app_name not in {o.app_name for o in report.serving})
     failures = [o for o in report.failures if not (start and o.action == "missing"
                                                    and o.app_name == settings.app_name)]
     if failures:
         raise DeployError("deploy: could not switch " + "; ".join(o.describe() for o in failures))
     action = _action(report)
     if start:
-        _start_local_app(settings, model_name, alias, pinned, serve_config, timeout_s)
+        _start_app(settings, model_name, alias, pinned, serve_config, timeout_s, home.dashboard_url)
         action = "started"
     logger.info("deploy %s v%s: %s", model_name, pinned, action)
     return DeployResult(action=action, app_name=settings.app_name, model_name=model_name, version=pinned,
-                        alias=alias, url=settings.url if local else None, outcomes=report.outcomes)
+                        alias=alias, url=settings.url if local or start else None, outcomes=report.outcomes)
 
 
 def _action(report: SwitchReport) -> DeployAction:
@@ -108,13 +112,13 @@ def _action(report: SwitchReport) -> DeployAction:
     return "unchanged" if actions else "not_running"
 
 
-def _start_local_app(settings: ServeSettings, model_name: str, alias: str | None, version: str,
-                     serve_config: str | Path, timeout_s: float) -> None:
+def _start_app(settings: ServeSettings, model_name: str, alias: str | None, version: str,
+               serve_config: str | Path, timeout_s: float, dashboard_url: str | None) -> None:
     from serving import control
 
     pinned = settings.model_copy(update={"model_name": model_name, "alias": alias, "version": version})
     control.start_app(ServeSettings.model_validate(pinned.model_dump()),
-                      control.load_serve_config(serve_config), timeout_s)
+                      control.load_serve_config(serve_config), timeout_s, dashboard_url=dashboard_url)
 
 
 # The Prefect task is the same function: one signature, one docstring.

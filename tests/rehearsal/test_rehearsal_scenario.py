@@ -58,12 +58,10 @@ FLOW_RUN_TIMEOUT_S = 900  # a bound for a stuck run; a flow run takes a minute o
 
 @pytest.fixture(scope="module")
 def pipeline_ray_address(rehearsal_ray) -> str:
-    """The Ray address every pipeline run of the scenario gets (PipelineConfig.ray_address).
-
-    The GCS address: the flow run joins the cluster as a driver and trains in process. The
-    dashboard URL (`rehearsal_ray.dashboard_url`) submits training as a Ray Job instead.
-    """
-    return rehearsal_ray.address  # the one line that chooses: rehearsal_ray.dashboard_url for a Ray Job
+    """The Ray address every pipeline run of the scenario gets (PipelineConfig.ray_address): the
+    dashboard URL, so training is submitted as a Ray Job and the deploy stage starts and switches
+    the app through Serve's REST API there, as on a production cluster."""
+    return rehearsal_ray.dashboard_url
 
 
 def pipeline_config(work_dir: Path, ray_address: str, serve_port: int, **changes: Any) -> PipelineConfig:
