@@ -289,12 +289,13 @@ def test_workers_poll_the_work_pool_of_prefect_yaml() -> None:
         assert hasattr(module, flow), d["entrypoint"]
 
 
-def test_prefect_worker_reaches_the_rayclusters_client_port() -> None:
+def test_prefect_worker_submits_ray_jobs_to_the_rayclusters_dashboard() -> None:
+    """A dashboard URL as RAY_ADDRESS: training goes to the RayCluster as Ray Jobs (no Ray Client)."""
     head = one("RayCluster")["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
-    client_port = next(p["containerPort"] for p in head["ports"] if p["name"] == "client")
+    dashboard_port = next(p["containerPort"] for p in head["ports"] if p["name"] == "dashboard")
     worker = next(c for w, c in all_containers() if w.startswith("prefect-worker"))
     env = {e["name"]: e.get("value") for e in worker["env"]}
-    assert env["RAY_ADDRESS"] == f"ray://{render.CLUSTER_NAME}-head-svc:{client_port}"
+    assert env["RAY_ADDRESS"] == f"http://{render.CLUSTER_NAME}-head-svc:{dashboard_port}"
     assert env["PREFECT_API_URL"] == "http://prefect-server:4200/api"
 
 
@@ -812,9 +813,9 @@ def admitted(pod: dict[str, str], port: int) -> set[str]:
 
 
 def test_network_policy_admits_only_cluster_clients_to_ray_control_ports() -> None:
-    for port in (6379, 8265, 10001):
-        expected = {"ray pod", "prefect worker"} | ({"operator"} if port == 8265 else set())
-        assert admitted(RAY_HEAD, port) == expected, port
+    assert admitted(RAY_HEAD, 8265) == {"ray pod", "prefect worker", "operator"}
+    for port in (6379, 10001):  # the worker needs neither the GCS nor Ray Client: Jobs over 8265
+        assert admitted(RAY_HEAD, port) == {"ray pod"}, port
     assert admitted(RAY_HEAD, 8000) == {"ray pod", "ingress"}
     assert admitted(RAY_WORKER, 8000) == {"ray pod", "ingress"}
     assert admitted(RAY_WORKER, 10001) == {"ray pod"}
