@@ -72,7 +72,7 @@ def pipeline_config(work_dir: Path, ray_address: str, serve_port: int, **changes
         # a model of 30 steps is far below the default quality floor; the gate's margin decides
         "registry": {"min_precision": 0.0, "min_recall": 0.0},
         "evaluate": {"num_samples": 40, "steps": 5, "batch_size": 40, "cache_dir": str(work_dir / "fcache"),
-                     "feature_net": {"epochs": 2}},
+                     "feature_net": {"steps": 50}},
         "serving": {"app_name": APP, "route_prefix": "/", "port": serve_port, "max_images_per_batch": 8,
                     "default_steps": 5},
         **changes,
@@ -213,6 +213,13 @@ def test_what_the_gate_decides_reaches_live_traffic(
     assert str(champion.version) == "1"
     assert champion.tags["prefect.flow_run_id"] == str(run_1.id)
     assert registry.get_run(champion.run_id).data.params["steps"] == str(TINY_TRAIN["steps"])
+    # training ran on the cluster as a Ray Job (submitted to the dashboard, not a driver in the flow run)
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from diffusion_core.adapters.ray_dashboard import dashboard_headers
+
+    jobs = JobSubmissionClient(rehearsal_ray.dashboard_url, headers=dashboard_headers()).list_jobs()
+    assert [job.status for job in jobs if job.submission_id] == [JobStatus.SUCCEEDED]
     # the model's files went through the MLflow server into S3
     keys = [o["Key"] for o in rehearsal_s3.client().list_objects_v2(
         Bucket=rehearsal_s3.bucket, Prefix="mlflow-artifacts/").get("Contents", [])]
