@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     # with ETA) and warnings; Ray workers' output stays in it too (errors of a worker show there).
     configure_console(Verbosity.DEFAULT)  # before Prefect is imported (flows.train)
     quiet_ray_logs(Verbosity.DEFAULT)
-    from flows.train import train_in_process  # flows.train submits through this module
+    from flows.train_local import train_in_process
     try:
         config = TrainConfig.model_validate_json(args[0])
         tags = TypeAdapter(dict[str, str]).validate_json(args[1] if len(args) == 2 else "{}")
