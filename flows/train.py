@@ -4,8 +4,9 @@
 dashboard URL (`ray_cluster.job_submission_url`), the run goes to that cluster as a Ray Job
 (`flows.train_job`), whose log lines are logged here as they arrive; otherwise it runs in this
 process (`flows.train_local.train_in_process`: an estimate of the time, then Ray Train with its
-progress logged). The Ray Job runs the same `train_in_process` on the cluster. Either way the MLflow run is tagged with the Prefect flow run id
-so that a run in the MLflow UI leads back to the pipeline run that produced it.
+progress logged). The Ray Job runs the same `train_in_process` on the cluster. Either way the
+MLflow run is tagged with the Prefect flow run id so that a run in the MLflow UI leads back to the
+pipeline run that produced it.
 """
 
 from __future__ import annotations
