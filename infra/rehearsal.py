@@ -158,6 +158,25 @@ def postgres_bin_dir() -> Path:
     return candidates[-1].parent
 
 
+class LocalService:
+    """A service this module starts: one process group (`server`) and a temp folder (`root`) that
+    `stop` ends and deletes. `stop_signal`: what asks the process to shut down cleanly."""
+
+    stop_signal: signal.Signals = signal.SIGTERM
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    def alive(self) -> bool:
+        return self.server is not None and self.server.group_alive()
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop(self.stop_signal)
+        if self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
 @dataclass(frozen=True)
 class PostgresHandle:
     host: str
@@ -194,7 +213,7 @@ class PostgresHandle:
         return self.uri(name, owner, owner_password)
 
 
-class LocalPostgres:
+class LocalPostgres(LocalService):
     """A throwaway PostgreSQL server on 127.0.0.1: initdb on a temp dir, password auth only.
 
     PostgreSQL refuses to run as root; as root this runs it as the unprivileged `postgres`
@@ -203,9 +222,10 @@ class LocalPostgres:
     Durability is off (fsync, synchronous_commit): the data dies with the rehearsal anyway.
     """
 
+    stop_signal = signal.SIGINT  # "fast" shutdown: disconnect clients, stop cleanly
+
     def __init__(self) -> None:
-        self.root: Path | None = None
-        self.server: ServiceProcess | None = None
+        super().__init__()
 
     def start(self, timeout_s: float = 60.0) -> PostgresHandle:
         started = time.monotonic()
@@ -233,14 +253,6 @@ class LocalPostgres:
         wait_until(lambda: handle.connect().close() is None, self.server, timeout_s)
         return PostgresHandle(LOOPBACK, port, POSTGRES_USER, password, time.monotonic() - started)
 
-    def alive(self) -> bool:
-        return self.server is not None and self.server.group_alive()
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.stop(signal.SIGINT)  # "fast" shutdown: disconnect clients, stop cleanly
-        if self.root is not None:
-            shutil.rmtree(self.root, ignore_errors=True)
 
 
 def _as_user_kwargs(user: str | None) -> dict[str, Any]:
@@ -277,14 +289,13 @@ class S3Handle:
                             aws_secret_access_key=self.secret_access_key)
 
 
-class LocalS3:
+class LocalS3(LocalService):
     """moto's S3 in server mode on 127.0.0.1 with one bucket. It keeps objects in memory and
     accepts any key pair; the handle's random keys keep clients configured as for a real store."""
 
     def __init__(self, bucket: str = "rehearsal") -> None:
         self.bucket = bucket
-        self.root: Path | None = None
-        self.server: ServiceProcess | None = None
+        super().__init__()
 
     def start(self, timeout_s: float = 60.0) -> S3Handle:
         started = time.monotonic()
@@ -299,14 +310,6 @@ class LocalS3:
         return S3Handle(handle.endpoint_url, self.bucket, handle.access_key_id, handle.secret_access_key,
                         startup_s=time.monotonic() - started)
 
-    def alive(self) -> bool:
-        return self.server is not None and self.server.group_alive()
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.stop()
-        if self.root is not None:
-            shutil.rmtree(self.root, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- MLflow
@@ -335,14 +338,13 @@ authorization_function = mlflow.server.auth:authenticate_request_basic_auth
 """
 
 
-class LocalMlflowServer:
+class LocalMlflowServer(LocalService):
     """`mlflow server` as infra/compose wires it: PostgreSQL backend store, artifacts served from
     S3 (`--artifacts-destination`), basic auth with its users in a second database."""
 
     def __init__(self, postgres: PostgresHandle, s3: S3Handle, admin_username: str = "admin") -> None:
         self.postgres, self.s3, self.admin_username = postgres, s3, admin_username
-        self.root: Path | None = None
-        self.server: ServiceProcess | None = None
+        super().__init__()
 
     def start(self, timeout_s: float = 180.0) -> MlflowHandle:
         started = time.monotonic()
@@ -370,14 +372,6 @@ class LocalMlflowServer:
         return MlflowHandle(uri, self.admin_username, admin_password, destination,
                             time.monotonic() - started)
 
-    def alive(self) -> bool:
-        return self.server is not None and self.server.group_alive()
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.stop()
-        if self.root is not None:
-            shutil.rmtree(self.root, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- Prefect
@@ -392,12 +386,11 @@ class PrefectHandle:
         return {"PREFECT_API_URL": self.api_url}
 
 
-class LocalPrefectServer:
+class LocalPrefectServer(LocalService):
     """`prefect server start` on 127.0.0.1 with its own home and SQLite database."""
 
     def __init__(self) -> None:
-        self.root: Path | None = None
-        self.server: ServiceProcess | None = None
+        super().__init__()
 
     def start(self, timeout_s: float = 180.0) -> PrefectHandle:
         started = time.monotonic()
@@ -415,14 +408,6 @@ class LocalPrefectServer:
         wait_until(lambda: _http_ok(f"{api_url}/health"), self.server, timeout_s)
         return PrefectHandle(api_url, time.monotonic() - started)
 
-    def alive(self) -> bool:
-        return self.server is not None and self.server.group_alive()
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.stop()
-        if self.root is not None:
-            shutil.rmtree(self.root, ignore_errors=True)
 
 
 @dataclass(frozen=True)
@@ -443,16 +428,17 @@ def pool_workers(api_url: str, pool: str) -> list[dict[str, Any]]:
     return response.json()
 
 
-class LocalPrefectWorker:
+class LocalPrefectWorker(LocalService):
     """`prefect worker start --type process` on `pool`: flow runs execute as subprocesses with
     `env` (the services' client settings, as the worker pod has them). Ready once the API lists it."""
+
+    stop_signal = signal.SIGINT
 
     def __init__(self, prefect: PrefectHandle, env: dict[str, str], pool: str = WORK_POOL,
                  cwd: Path | None = None) -> None:
         self.prefect, self.env, self.pool, self.cwd = prefect, env, pool, cwd
         self.name = f"rehearsal-{secrets.token_hex(3)}"
-        self.root: Path | None = None
-        self.worker: ServiceProcess | None = None
+        super().__init__()
 
     def start(self, timeout_s: float = 120.0) -> PrefectWorkerHandle:
         started = time.monotonic()
@@ -461,20 +447,12 @@ class LocalPrefectWorker:
                          {"PREFECT_HOME": str(self.root), "DO_NOT_TRACK": "1"})
         cmd = [_console_script("prefect"), "worker", "start", "--pool", self.pool, "--type", "process",
                "--name", self.name, "--install-policy", "never"]
-        self.worker = ServiceProcess("prefect worker", cmd, self.root / "worker.log", env=env,
+        self.server = ServiceProcess("prefect worker", cmd, self.root / "worker.log", env=env,
                                      cwd=self.cwd or self.root)
         wait_until(lambda: any(w["name"] == self.name for w in pool_workers(self.prefect.api_url, self.pool)),
-                   self.worker, timeout_s)
+                   self.server, timeout_s)
         return PrefectWorkerHandle(self.pool, self.name, time.monotonic() - started)
 
-    def alive(self) -> bool:
-        return self.worker is not None and self.worker.group_alive()
-
-    def stop(self) -> None:
-        if self.worker is not None:
-            self.worker.stop(signal.SIGINT)
-        if self.root is not None:
-            shutil.rmtree(self.root, ignore_errors=True)
 
 
 @dataclass(frozen=True)
