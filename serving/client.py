@@ -42,6 +42,7 @@ import numpy as np
 from diffusion_core.errors import ConfigError, DiffusionPipelineError
 from diffusion_core.images import decode_png
 from diffusion_core.redact import strip_credentials
+from diffusion_core.sampling_defaults import DEFAULT_GUIDANCE_SCALE
 
 logger = logging.getLogger(__name__)
 
@@ -223,7 +224,7 @@ class GenerationClient:
         *,
         steps: int | None = None,
         sampler: str | None = None,
-        guidance_scale: float = 1.0,
+        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
         eta: float = 0.0,
         labels: Sequence[int] | None = None,
         seed: int | None = None,
@@ -280,7 +281,7 @@ class AsyncGenerationClient:
         return await self._request("GET", "/model")
 
     async def generate(self, num_images: int = 1, *, steps: int | None = None, sampler: str | None = None,
-                       guidance_scale: float = 1.0, eta: float = 0.0, labels: Sequence[int] | None = None,
+                       guidance_scale: float = DEFAULT_GUIDANCE_SCALE, eta: float = 0.0, labels: Sequence[int] | None = None,
                        seed: int | None = None, format: str = "png") -> GenerationResult:
         """One POST /generate, as `GenerationClient.generate`."""
         payload = _payload(num_images, steps, sampler, guidance_scale, eta, labels, seed, format)
@@ -292,7 +293,7 @@ class AsyncGenerationClient:
         *,
         steps: int | None = None,
         sampler: str | None = None,
-        guidance_scale: float = 1.0,
+        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
         eta: float = 0.0,
         labels: Sequence[int] | None = None,
         seed: int | None = None,

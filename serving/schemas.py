@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from diffusion_core.errors import ConfigError
 from diffusion_core.sampling_defaults import (
+    DEFAULT_GUIDANCE_SCALE,
     ETA_SAMPLERS,
     MAX_SEED,
     NULL_LABEL,
@@ -38,7 +39,7 @@ class GenerateRequest(BaseModel):
     num_images: int = Field(1, ge=1, description="images to generate")
     steps: int | None = Field(None, ge=1, description="sampler steps; null -> server default")
     sampler: SamplerName | None = Field(None, description="null -> server default")
-    guidance_scale: float = Field(1.0, ge=0.0, le=50.0, allow_inf_nan=False,
+    guidance_scale: float = Field(DEFAULT_GUIDANCE_SCALE, ge=0.0, le=50.0, allow_inf_nan=False,
                                   description="classifier-free guidance w (1 = no guidance)")
     eta: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False,
                        description=f"stochasticity; non-zero only for {', '.join(ETA_SAMPLERS)}")
