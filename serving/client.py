@@ -281,7 +281,8 @@ class AsyncGenerationClient:
         return await self._request("GET", "/model")
 
     async def generate(self, num_images: int = 1, *, steps: int | None = None, sampler: str | None = None,
-                       guidance_scale: float = DEFAULT_GUIDANCE_SCALE, eta: float = 0.0, labels: Sequence[int] | None = None,
+                       guidance_scale: float = DEFAULT_GUIDANCE_SCALE, eta: float = 0.0,
+                       labels: Sequence[int] | None = None,
                        seed: int | None = None, format: str = "png") -> GenerationResult:
         """One POST /generate, as `GenerationClient.generate`."""
         payload = _payload(num_images, steps, sampler, guidance_scale, eta, labels, seed, format)
