@@ -157,9 +157,11 @@ def test_the_rerun_resumes_training_without_logging_a_step_twice(day: Day) -> No
 
 
 def printed_commands(stdout: str) -> list[str]:
-    """The commands of the summary: the indented lines after the summary's blank line."""
+    """The commands of the summary: the indented lines after the blank line that ends its facts
+    (model, evaluation, samples, time)."""
     tail = stdout[stdout.rindex("\nmodel "):]
-    return [line.strip() for line in tail.splitlines() if line.startswith("  ")]
+    commands = tail[tail.index("\n\n") + 2:]
+    return [line.strip() for line in commands.splitlines() if line.startswith("  ")]
 
 
 def test_serve_with_no_flags_and_every_printed_command_work_after_run(day: Day) -> None:
