@@ -372,5 +372,6 @@ def evaluate_model(
     result = EvalResult(**headline.model_dump(), inception_fid=fid, feature_kind=extractor.kind,
                         **feature_check(extractor, reference), null_label=null_label, guided=guided,
                         guided_scale=None if guided is None else config.guided_scale, eval_key=key)
-    logger.info("evaluation (%s features): %s", result.feature_kind, result.as_metrics())
+    # every number reaches MLflow, the version and the summary; the terminal line would repeat them
+    logger.debug("evaluation (%s features): %s", result.feature_kind, result.as_metrics())
     return result

@@ -96,7 +96,9 @@ def switch_to_version(model_name: str, version: str, alias: str | None,
         outcomes += switch(target, model_name, version, alias, deadline)
     report = SwitchReport(model_name=model_name, version=version, alias=alias, outcomes=outcomes)
     for outcome in outcomes:
-        log = logger.error if outcome in report.failures else logger.info
+        # a target where nothing serves the model is the normal first deploy: not worth a line
+        quiet = outcome.action == "none"
+        log = logger.error if outcome in report.failures else logger.debug if quiet else logger.info
         log("%s version %s: %s", model_name, version, outcome.describe())
     return report
 
