@@ -125,9 +125,9 @@ def day(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Day]:
         try:
             proc.wait(timeout=SECOND_PRESS_AFTER_S)
         except subprocess.TimeoutExpired:
-            # One clean-clone CI run saw a Ctrl-C during training not acted on at all (the run went
-            # on to the end); the cause is open. A user presses again; so does the test, which still
-            # requires exit 130 and a clean stop.
+            # A Ctrl-C during training is at times not acted on at all (the run goes on to the end;
+            # the cause is open). A user presses again; so does the test, which still requires
+            # exit 130 and a clean stop.
             if "interrupted" not in log.read_text():
                 os.killpg(proc.pid, signal.SIGINT)
             proc.wait(timeout=INTERRUPT_WITHIN_S * 3)
