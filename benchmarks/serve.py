@@ -12,11 +12,19 @@ digits UNet served from a local checkpoint (no registry), so the numbers are the
 plus serving.
 
 The summary also gives the HTTP path at c=1 (mean served latency minus one direct batch-1 sampler
-call) and, from the timings the server reports with each answer (schemas.Timings), where each
+call, and minus the replica's own sampling time in the same run) and, from the timings the
+server reports with each answer (schemas.Timings), where each
 request's time went: client + HTTP proxy (latency - ingress total), the ingress itself (validation,
 PNG encoding: total - handle), the handle call's transport and Serve's queue in front of the model
 replica (handle - model), the replica's batcher queue (including the batch wait) and the sampling
 (model = queue + sampling).
+
+"Platform floor" is the same closed loop against a no-op app of the same shape (Serve's HTTP proxy
+-> a FastAPI ingress -> a handle call -> a deployment that returns an 8x8 array at once): what Ray
+Serve itself costs per request on this machine, and how many requests per second it can pass at
+all. In a closed loop of c clients and a batch of c images, the model idles while the c answers and
+the c next requests pass the HTTP path, so served/direct at c is at most
+t_batch / (t_batch + c / floor_rps); the summary reports that bound beside the measured ratio.
 Writes benchmarks/results/serve.json with machine info and os.getloadavg() before and after.
 """
 
@@ -41,6 +49,7 @@ from diffusion_core.atomic_io import atomic_write_text
 from diffusion_core.checkpoint import LoadedModel, load_checkpoint
 from diffusion_core.sampling_defaults import DEFAULT_SAMPLER, DEFAULT_STEPS
 from serving.config import ServeSettings
+from serving.schemas import Timings
 
 logger = logging.getLogger("benchmarks.serve")
 RESULTS = Path(__file__).parent / "results" / "serve.json"
@@ -140,17 +149,66 @@ def serve_mode(checkpoint: Path, max_images_per_batch: int, args: argparse.Names
         serve.shutdown()
 
 
-def summarize(served: dict[str, dict], direct: dict[str, float]) -> dict[str, object]:
-    """Batching speedup at the highest concurrency, served / direct images/s at each level, and the
-    HTTP path of one request at the lowest (its mean latency minus one direct batch-1 run)."""
+def platform_floor(args: argparse.Namespace) -> dict[str, dict]:
+    """The closed loop against a no-op app of the served app's shape (see the module docstring)."""
+    from fastapi import FastAPI
+    from ray import serve
+
+    api = FastAPI()
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
+    class NoOpModel:
+        async def generate(self, body: dict) -> np.ndarray:
+            return np.zeros((1, 1, 8, 8), np.float32)
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
+    @serve.ingress(api)
+    class NoOpIngress:
+        def __init__(self, model) -> None:
+            self._model = model
+
+        @api.post("/generate")
+        async def generate(self, body: dict) -> dict:
+            image = await self._model.generate.remote(body)
+            return {"shape": list(image.shape), "timings": dict.fromkeys(Timings.model_fields, 0.0)}
+
+    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+    serve.run(NoOpIngress.bind(NoOpModel.bind()), name="floor", route_prefix="/")
+    try:
+        results = {}
+        for concurrency in args.concurrency:
+            url = f"http://127.0.0.1:{args.port}"
+            loop = asyncio.run(closed_loop(url, concurrency, args.steps, args.seconds))
+            results[str(concurrency)] = {"requests_per_s": loop["images_per_s"], "p50_ms": loop["p50_ms"],
+                                         "mean_latency_ms": loop["mean_latency_ms"]}
+            logger.info("platform floor, concurrency %d: %s", concurrency, results[str(concurrency)])
+        return results
+    finally:
+        serve.shutdown()
+
+
+def closed_loop_bound(concurrency: int, direct_images_per_s: float, floor_requests_per_s: float) -> float:
+    """Served/direct at most: one batch's sampling time over it plus the HTTP path of its requests."""
+    sampling_s = concurrency / direct_images_per_s
+    return round(sampling_s / (sampling_s + concurrency / floor_requests_per_s), 3)
+
+
+def summarize(served: dict[str, dict], direct: dict[str, float], floor: dict[str, dict]) -> dict[str, object]:
+    """Batching speedup at the highest concurrency, served / direct images/s at each level (with the
+    closed-loop bound the platform floor sets), and the HTTP path of one request at the lowest."""
     on, off = served["batching_on"], served["batching_off"]
     top, low = max(on, key=int), min(on, key=int)
     summary: dict[str, object] = {
         f"batching_speedup_at_{top}": round(on[top]["images_per_s"] / off[top]["images_per_s"], 2),
         "served_over_direct": {c: round(on[c]["images_per_s"] / direct[c], 3) for c in on},
+        "closed_loop_bound": {c: closed_loop_bound(int(c), direct[c], floor[c]["requests_per_s"])
+                              for c in on if c in floor},
     }
     if low == "1":
         summary["http_path_ms_at_1"] = round(on["1"]["mean_latency_ms"] - 1000 / direct["1"], 2)
+        same_run = on["1"]["mean_latency_ms"] - on["1"]["mean_sampling_ms"]
+        summary["http_path_ms_at_1_same_run"] = round(same_run, 2)
+        summary["platform_floor_ms_at_1"] = floor["1"]["mean_latency_ms"] if "1" in floor else None
     return summary
 
 
@@ -188,14 +246,15 @@ def main() -> None:
                  dashboard_port=free_port(), configure_logging=False, log_to_driver=False)
         try:
             served = {mode: serve_mode(checkpoint, MODES[mode], args) for mode in args.modes}
+            floor = platform_floor(args)
         finally:
             ray.shutdown()
     result = {
         "benchmark": "serve", "steps": args.steps, "sampler": DEFAULT_SAMPLER,
         "batch_wait_timeout_s": args.batch_wait, "seconds_per_level": args.seconds,
         "request": "1 image, PNG response", "model": "random-init digits_default UNet",
-        "direct_images_per_s": direct, "served": served,
-        "summary": summarize(served, direct) if len(served) == len(MODES) else None,
+        "direct_images_per_s": direct, "served": served, "platform_floor": floor,
+        "summary": summarize(served, direct, floor) if len(served) == len(MODES) else None,
         "machine": machine_info(), "loadavg_before": loadavg_before, "loadavg_after": os.getloadavg(),
     }
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")

@@ -2,9 +2,9 @@
 
 - Turns. When the model is free and jobs wait, a turn starts as soon as the waiting images reach
   `max_images`, or `wait_s` after the later of "the model became free" and "the oldest job
-  arrived". An idle model thus starts almost at once, and jobs that arrive while a run samples
-  wait for the next turn together (continuous batching); the short wait lets the answers of one
-  turn come back as new requests before the next turn starts.
+  arrived". Jobs that arrive while a run samples wait for the next turn together (continuous
+  batching), so steady traffic batches without any wait; `wait_s` (0 by default) only holds an
+  idle model back for requests expected to arrive together.
 - Order. A turn takes the waiting jobs oldest first up to `max_images` images, never skipping one
   (so nothing starves); the oldest is taken even when it alone is larger, and is then sampled as
   several runs.
