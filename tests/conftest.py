@@ -38,6 +38,17 @@ def one_torch_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
+def prepared_digits(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The built-in digits, prepared once per session (read-only for the tests that train on it)."""
+    from diffusion_core.data.config import PrepareConfig
+    from diffusion_core.data.prepare import prepare
+
+    out = str(tmp_path_factory.mktemp("digits") / "prepared")
+    prepare(PrepareConfig(source="digits", output=out))
+    return out
+
+
+@pytest.fixture(scope="session")
 def _ray_session() -> Iterator[None]:
     yield
     import ray

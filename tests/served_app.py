@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import torch
 
 from diffusion_core.checkpoint import DataSpec, ModelSpec, save_checkpoint
@@ -52,3 +54,49 @@ def running_app(settings, env: dict[str, str] | None = None) -> Iterator[str]:
         yield settings.url
     finally:
         serve.shutdown()
+
+
+def one_image(k: int) -> dict:
+    return {"num_images": 1, "seed": k}
+
+
+class LoadClient:
+    """Sends /generate (body `request(k)` for the k-th) from a thread until stopped, and records
+    (HTTP status, model version) of each answer; status 0 is a request that got no answer at all."""
+
+    def __init__(self, url: str, request: Callable[[int], dict] = one_image) -> None:
+        self.url, self._request = url, request
+        self.results: list[tuple[int, str | None]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        with httpx.Client(timeout=120) as client:
+            k = 0
+            while not self._stop.is_set():
+                try:
+                    response = client.post(f"{self.url}/generate", json=self._request(k))
+                except httpx.HTTPError:
+                    self.results.append((0, None))
+                else:
+                    version = response.json()["model"]["version"] if response.status_code == 200 else None
+                    self.results.append((response.status_code, version))
+                k += 1
+
+    def __enter__(self) -> LoadClient:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=120)
+
+    def failures(self) -> int:
+        return sum(code != 200 for code, _ in self.results)
+
+    def summary(self) -> str:
+        codes = sorted({code for code, _ in self.results})
+        return f"{self.failures()} of {len(self.results)} requests failed (statuses {codes}; 0: no answer)"
+
+    def versions(self) -> list[str | None]:
+        return [version for _, version in self.results]

@@ -9,14 +9,13 @@ from pathlib import Path
 
 import torch
 from sklearn.datasets import load_digits
+from tiny_models import TINY_UNET
 
 from diffusion_core.checkpoint import DataSpec, ModelSpec, save_checkpoint
 from diffusion_core.objective import ObjectiveConfig, training_loss
 from diffusion_core.schedule import NoiseSchedule, ScheduleConfig
-from diffusion_core.unet import UNet, UNetConfig
+from diffusion_core.unet import UNet
 
-TINY_UNET = UNetConfig(image_size=8, in_channels=1, base_channels=8, channel_mult=(1,), num_res_blocks=1,
-                       attention_resolutions=(), num_heads=1, num_classes=10)
 TINY_SCHEDULE = ScheduleConfig(name="cosine", num_timesteps=200)
 
 

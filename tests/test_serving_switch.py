@@ -14,13 +14,13 @@ import copy
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
+from served_app import LoadClient
 
 from diffusion_core.errors import ConfigError
 from serving.config import MODEL_DEPLOYMENT, KubeRayTarget, ModelDeploymentConfig, RayTarget, ServeSettings
@@ -210,32 +210,6 @@ def app(_ray_session: None, registry: dict, tmp_path_factory: pytest.TempPathFac
         serve.shutdown()
 
 
-class Client:
-    """Requests /generate in a loop from a thread until stopped: (status, version, seconds) each."""
-
-    def __init__(self, url: str) -> None:
-        self.url, self.results = url, []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def _loop(self) -> None:
-        with httpx.Client(timeout=120) as client:
-            k = 0
-            while not self._stop.is_set():
-                response = client.post(f"{self.url}/generate", json={"num_images": 1, "seed": k})
-                version = response.json()["model"]["version"] if response.status_code == 200 else None
-                self.results.append((response.status_code, version, time.monotonic()))
-                k += 1
-
-    def __enter__(self) -> Client:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=120)
-
-
 def champion_of(registry: dict, name: str) -> str:
     from mlflow import MlflowClient
 
@@ -266,7 +240,7 @@ def test_rollback_serves_the_previous_champion_within_30s_without_a_failed_reque
     promote(MODEL, registry["v2"], force=True, tracking_uri=registry["uri"], lock_dir=registry["lock_dir"])
     pin(app, registry["v2"])
     assert model_info(app.url)["version"] == registry["v2"]
-    with Client(app.url) as client:
+    with LoadClient(app.url) as client:
         time.sleep(1.0)
         started = time.monotonic()
         with pytest.raises(SystemExit) as done:
@@ -279,9 +253,8 @@ def test_rollback_serves_the_previous_champion_within_30s_without_a_failed_reque
         time.sleep(1.0)
     out = capsys.readouterr().out
     assert "rolled_back" in out and "switched  application 'switch'" in out
-    codes = [code for code, _, _ in client.results]
-    assert codes and set(codes) == {200}, f"{len(codes) - codes.count(200)} of {len(codes)} requests failed"
-    versions = [version for _, version, _ in client.results]
+    assert client.results and client.failures() == 0, client.summary()
+    versions = client.versions()
     first_v1 = versions.index(registry["v1"])
     assert set(versions[:first_v1]) == {registry["v2"]} and set(versions[first_v1:]) == {registry["v1"]}
     assert switched < 30, f"/model reported the previous champion after {switched:.1f}s"
@@ -289,7 +262,7 @@ def test_rollback_serves_the_previous_champion_within_30s_without_a_failed_reque
     assert alias == registry["v1"]
     with capsys.disabled():
         print(f"\nrollback: command returned after {returned:.1f}s, /model served v{registry['v1']} "
-              f"{switched:.1f}s after it started; client sent {len(codes)} requests, all 200")
+              f"{switched:.1f}s after it started; client sent {len(versions)} requests, all 200")
 
 
 @pytest.mark.slow
@@ -308,7 +281,7 @@ def test_a_replica_added_after_the_alias_moved_on_serves_the_pinned_version(app:
     config = declarative_configs(rest.details())[app.app_name]
     next(d for d in config["deployments"] if d["name"] == MODEL_DEPLOYMENT)["num_replicas"] = 2
     seen: dict[str, dict] = {}
-    with Client(app.url) as client:
+    with LoadClient(app.url) as client:
         time.sleep(1.0)
         rest.deploy([config])
 
@@ -325,9 +298,8 @@ def test_a_replica_added_after_the_alias_moved_on_serves_the_pinned_version(app:
     assert len(seen) == 2, "the new replica never answered"
     assert {info["version"] for info in seen.values()} == {registry["v2"]}
     assert max(info["loaded_at"] for info in seen.values()) > moved_at  # one started after the move
-    codes = [code for code, _, _ in client.results]
-    assert codes and set(codes) == {200}, f"{len(codes) - codes.count(200)} of {len(codes)} requests failed"
-    assert {version for _, version, _ in client.results} == {registry["v2"]}
+    assert client.results and client.failures() == 0, client.summary()
+    assert set(client.versions()) == {registry["v2"]}
 
 
 @pytest.mark.slow

@@ -18,11 +18,10 @@ import mlflow
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from tiny_models import TINY_UNET
 
 from diffusion_core.adapters.ray_train import TrainResult, run_training
 from diffusion_core.checkpoint import load_checkpoint
-from diffusion_core.data.config import PrepareConfig
-from diffusion_core.data.prepare import prepare
 from diffusion_core.data.readers import read_split_table
 from diffusion_core.data_order import stream_row_indices
 from diffusion_core.errors import ConfigError
@@ -34,19 +33,8 @@ from diffusion_core.training import (
     train_step,
     training_windows,
 )
-from diffusion_core.unet import UNetConfig
 
 pytestmark = pytest.mark.slow
-
-TINY_UNET = UNetConfig(image_size=8, in_channels=1, base_channels=8, channel_mult=(1,), num_res_blocks=1,
-                       attention_resolutions=(), num_heads=1, num_classes=10)
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory: pytest.TempPathFactory) -> str:
-    out = str(tmp_path_factory.mktemp("digits") / "prepared")
-    prepare(PrepareConfig(source="digits", output=out))
-    return out
 
 
 def tiny_config(dataset: str, tmp_path: Path, store, **overrides: object) -> TrainConfig:
@@ -63,10 +51,10 @@ def metric_history(run_id: str, key: str) -> list[float]:
     return [m.value for m in sorted(MlflowClient().get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
-def test_two_workers_survive_a_failure_and_track_everything_in_mlflow(ray_local, mlflow_store, digits,
-                                                                      tmp_path) -> None:
+def test_two_workers_survive_a_failure_and_track_everything_in_mlflow(ray_local, mlflow_store,
+                                                                      prepared_digits, tmp_path) -> None:
     marker = tmp_path / "fault_fired"
-    config = tiny_config(digits, tmp_path, mlflow_store, run_name="two-workers", max_failures=1,
+    config = tiny_config(prepared_digits, tmp_path, mlflow_store, run_name="two-workers", max_failures=1,
                          fault_injection=FaultInjection(at_step=12, marker_path=str(marker), rank=1))
     result = run_training(config, tags={"prefect.flow_run_id": "flow-123"})
 
@@ -119,12 +107,12 @@ def reference_weights(config: TrainConfig, dataset: str) -> dict[str, torch.Tens
     return state.model.state_dict()
 
 
-def test_stopped_run_resumes_under_its_name_and_matches_an_uninterrupted_run(ray_local, mlflow_store,
-                                                                             digits, tmp_path) -> None:
+def test_stopped_run_resumes_under_its_name_and_matches_an_uninterrupted_run(
+        ray_local, mlflow_store, prepared_digits, tmp_path) -> None:
     from ray.train import TrainingFailedError
 
     marker = tmp_path / "fault_fired"
-    config = tiny_config(digits, tmp_path, mlflow_store, run_name="stop-and-rerun", num_workers=1,
+    config = tiny_config(prepared_digits, tmp_path, mlflow_store, run_name="stop-and-rerun", num_workers=1,
                          steps=16, max_failures=0, sample_steps=2,
                          fault_injection=FaultInjection(at_step=10, marker_path=str(marker)))
     with pytest.raises(TrainingFailedError):
@@ -135,13 +123,13 @@ def test_stopped_run_resumes_under_its_name_and_matches_an_uninterrupted_run(ray
     runs = MlflowClient().search_runs([mlflow.get_experiment_by_name("test-train").experiment_id])
     assert [r.info.run_id for r in runs] == [result.run_id]  # the rerun reattached to the same run
 
-    reference = reference_weights(config, digits)
+    reference = reference_weights(config, prepared_digits)
     resumed = load_checkpoint(result.checkpoint_path, use_ema=False).model.state_dict()
     diffs = {k: (reference[k] - resumed[k]).abs().max().item() for k in reference}
     assert max(diffs.values()) < 1e-6, diffs
 
 
-def test_prefect_flow_trains_on_two_nodes(fresh_ray_cluster, prefect_harness, mlflow_store, digits,
+def test_prefect_flow_trains_on_two_nodes(fresh_ray_cluster, prefect_harness, mlflow_store, prepared_digits,
                                           tmp_path) -> None:
     import ray
 
@@ -149,7 +137,7 @@ def test_prefect_flow_trains_on_two_nodes(fresh_ray_cluster, prefect_harness, ml
 
     fresh_ray_cluster.add_node(num_cpus=2)  # one CPU for a worker, one for Ray Data's reads
     ray.init(address=fresh_ray_cluster.address)
-    config = tiny_config(digits, tmp_path, mlflow_store, run_name="two-nodes", steps=8,
+    config = tiny_config(prepared_digits, tmp_path, mlflow_store, run_name="two-nodes", steps=8,
                          placement_strategy="STRICT_SPREAD", sample_steps=2)
     state = train(config, return_state=True)
     result = state.result()
@@ -161,9 +149,10 @@ def test_prefect_flow_trains_on_two_nodes(fresh_ray_cluster, prefect_harness, ml
     assert json.loads((Path(result.checkpoint_path) / "spec.json").read_text())["unet"]["base_channels"] == 8
 
 
-def test_requests_the_cluster_cannot_meet_are_refused(ray_local, mlflow_store, digits, tmp_path) -> None:
+def test_requests_the_cluster_cannot_meet_are_refused(ray_local, mlflow_store, prepared_digits,
+                                                      tmp_path) -> None:
     # Either would otherwise wait forever: Ray Data's reads need a free CPU; GPUs must exist.
     with pytest.raises(ConfigError, match="cpus_per_worker"):
-        run_training(tiny_config(digits, tmp_path, mlflow_store, num_workers=2, cpus_per_worker=2))
+        run_training(tiny_config(prepared_digits, tmp_path, mlflow_store, num_workers=2, cpus_per_worker=2))
     with pytest.raises(ConfigError, match="use_gpu"):
-        run_training(tiny_config(digits, tmp_path, mlflow_store, use_gpu=True))
+        run_training(tiny_config(prepared_digits, tmp_path, mlflow_store, use_gpu=True))

@@ -21,27 +21,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tiny_models import TINY_UNET
 
 from diffusion_core.adapters.ray_cluster import job_submission_url
 from diffusion_core.adapters.ray_jobs import JobRequest, RayJobError, job_client, run_job, submit_or_attach
 from diffusion_core.errors import ConfigError
 from diffusion_core.training import TrainConfig
-from diffusion_core.unet import UNetConfig
 from flows.train_job import RESULT_MARKER, read_result, result_line, training_job_request
 from infra.local_cluster import LocalRayCluster, free_port
-
-TINY_UNET = UNetConfig(image_size=8, in_channels=1, base_channels=8, channel_mult=(1,), num_res_blocks=1,
-                       attention_resolutions=(), num_heads=1, num_classes=10)
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from diffusion_core.data.config import PrepareConfig
-    from diffusion_core.data.prepare import prepare
-
-    out = str(tmp_path_factory.mktemp("digits") / "prepared")
-    prepare(PrepareConfig(source="digits", output=out))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +155,7 @@ def test_a_failed_job_raises_with_its_last_lines_and_a_retry_takes_the_next_atte
 
 @pytest.mark.slow
 def test_the_train_flow_runs_a_ray_job_streams_its_logs_and_reattaches(
-        dashboard, prefect_harness, mlflow_store, digits, tmp_path) -> None:
+        dashboard, prefect_harness, mlflow_store, prepared_digits, tmp_path) -> None:
     from mlflow.tracking import MlflowClient
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
@@ -178,7 +165,7 @@ def test_the_train_flow_runs_a_ray_job_streams_its_logs_and_reattaches(
     from flows.train import train
 
     run_name = f"job-{time.monotonic_ns()}"
-    config = job_config(digits, tmp_path, mlflow_store.tracking_uri, dashboard, run_name=run_name)
+    config = job_config(prepared_digits, tmp_path, mlflow_store.tracking_uri, dashboard, run_name=run_name)
     state = train(config, return_state=True)
     result = state.result()
     flow_run_id = state.state_details.flow_run_id
@@ -224,7 +211,7 @@ train(TrainConfig.model_validate_json(sys.argv[1]))
 
 
 @pytest.mark.slow
-def test_cancelling_the_flow_run_stops_the_job(dashboard, prefect_harness, mlflow_store, digits,
+def test_cancelling_the_flow_run_stops_the_job(dashboard, prefect_harness, mlflow_store, prepared_digits,
                                                tmp_path) -> None:
     """A Prefect worker cancels a flow run by sending its process SIGTERM, which Prefect's engine
     raises as TerminationSignal in the flow's thread: the `train` flow runs in a process of its own
@@ -232,7 +219,7 @@ def test_cancelling_the_flow_run_stops_the_job(dashboard, prefect_harness, mlflo
     from prefect.settings import PREFECT_API_URL
 
     run_name = f"cancelled-{time.monotonic_ns()}"
-    config = job_config(digits, tmp_path, mlflow_store.tracking_uri, dashboard, run_name=run_name,
+    config = job_config(prepared_digits, tmp_path, mlflow_store.tracking_uri, dashboard, run_name=run_name,
                         steps=5000, checkpoint_every=5000)
     client = job_client(dashboard)
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}

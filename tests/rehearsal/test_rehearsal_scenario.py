@@ -24,7 +24,6 @@ import logging
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ import httpx
 import numpy as np
 import pytest
 from local_services import free_port
+from served_app import LoadClient
 
 from flows.pipeline_config import PipelineConfig
 from flows.schedule import RetrainSchedule, deployment_parameters
@@ -131,46 +131,8 @@ def probe_image(url: str) -> tuple[str, np.ndarray]:
     return body["model"]["version"], np.asarray(body["images"], dtype=np.float32)
 
 
-class LoadClient:
-    """Sends /generate from a thread until stopped; records (HTTP status, version) of each."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.results: list[tuple[int, str | None]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def _loop(self) -> None:
-        with httpx.Client(timeout=120) as client:
-            k = 0
-            while not self._stop.is_set():
-                try:
-                    response = client.post(f"{self.url}/generate",
-                                           json={"num_images": 1, "labels": [k % 10], "steps": 2, "seed": k})
-                except httpx.HTTPError:
-                    self.results.append((0, None))  # no answer at all: a failed request too
-                else:
-                    version = response.json()["model"]["version"] if response.status_code == 200 else None
-                    self.results.append((response.status_code, version))
-                k += 1
-
-    def __enter__(self) -> LoadClient:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=120)
-
-    def failures(self) -> int:
-        return sum(code != 200 for code, _ in self.results)
-
-    def summary(self) -> str:
-        codes = sorted({code for code, _ in self.results})
-        return f"{self.failures()} of {len(self.results)} requests failed (statuses {codes}; 0: no answer)"
-
-    def versions(self) -> list[str | None]:
-        return [version for _, version in self.results]
+def labelled_two_step_image(k: int) -> dict:
+    return {"num_images": 1, "labels": [k % 10], "steps": 2, "seed": k}
 
 
 def wait_for_version(url: str, version: str, timeout_s: float = 60) -> float:
@@ -250,7 +212,7 @@ def test_what_the_gate_decides_reaches_live_traffic(
     assert not np.allclose(v2_images, v1_images, atol=1e-3), "version 2 drew version 1's images"
 
     with timeline.step("rollback (CLI) under load: the live endpoint serves version 1") as step, \
-            LoadClient(url) as load:
+            LoadClient(url, labelled_two_step_image) as load:
         time.sleep(1.0)
         out = cli(cli_env, "rollback", "--model-name", MODEL, "--work-dir", str(work_dir))
         step["switch_s"] = round(wait_for_version(url, "1"), 1)
@@ -275,7 +237,7 @@ def test_what_the_gate_decides_reaches_live_traffic(
         config = declarative_configs(rest.details())[APP]
         next(d for d in config["deployments"] if d["name"] == MODEL_DEPLOYMENT)["num_replicas"] = 2
         seen: dict[str, dict[str, Any]] = {}
-        with LoadClient(url) as load:
+        with LoadClient(url, labelled_two_step_image) as load:
             time.sleep(1.0)
             rest.deploy([config])
             rest.wait_for(lambda details: _replicas_running(details, 2), "a second model replica", 240)
