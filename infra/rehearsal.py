@@ -165,7 +165,8 @@ class LocalService:
     stop_signal: signal.Signals = signal.SIGTERM
 
     def __init__(self) -> None:
-        super().__init__()
+        self.root: Path | None = None
+        self.server: ServiceProcess | None = None
 
     def alive(self) -> bool:
         return self.server is not None and self.server.group_alive()
@@ -224,9 +225,6 @@ class LocalPostgres(LocalService):
 
     stop_signal = signal.SIGINT  # "fast" shutdown: disconnect clients, stop cleanly
 
-    def __init__(self) -> None:
-        super().__init__()
-
     def start(self, timeout_s: float = 60.0) -> PostgresHandle:
         started = time.monotonic()
         user = POSTGRES_USER if os.geteuid() == 0 else None
@@ -252,7 +250,6 @@ class LocalPostgres(LocalService):
         handle = PostgresHandle(LOOPBACK, port, POSTGRES_USER, password)
         wait_until(lambda: handle.connect().close() is None, self.server, timeout_s)
         return PostgresHandle(LOOPBACK, port, POSTGRES_USER, password, time.monotonic() - started)
-
 
 
 def _as_user_kwargs(user: str | None) -> dict[str, Any]:
@@ -309,7 +306,6 @@ class LocalS3(LocalService):
         handle.client().create_bucket(Bucket=self.bucket)
         return S3Handle(handle.endpoint_url, self.bucket, handle.access_key_id, handle.secret_access_key,
                         startup_s=time.monotonic() - started)
-
 
 
 # ---------------------------------------------------------------- MLflow
@@ -373,7 +369,6 @@ class LocalMlflowServer(LocalService):
                             time.monotonic() - started)
 
 
-
 # ---------------------------------------------------------------- Prefect
 
 
@@ -388,9 +383,6 @@ class PrefectHandle:
 
 class LocalPrefectServer(LocalService):
     """`prefect server start` on 127.0.0.1 with its own home and SQLite database."""
-
-    def __init__(self) -> None:
-        super().__init__()
 
     def start(self, timeout_s: float = 180.0) -> PrefectHandle:
         started = time.monotonic()
@@ -407,7 +399,6 @@ class LocalPrefectServer(LocalService):
         api_url = f"http://{LOOPBACK}:{port}/api"
         wait_until(lambda: _http_ok(f"{api_url}/health"), self.server, timeout_s)
         return PrefectHandle(api_url, time.monotonic() - started)
-
 
 
 @dataclass(frozen=True)
@@ -452,7 +443,6 @@ class LocalPrefectWorker(LocalService):
         wait_until(lambda: any(w["name"] == self.name for w in pool_workers(self.prefect.api_url, self.pool)),
                    self.server, timeout_s)
         return PrefectWorkerHandle(self.pool, self.name, time.monotonic() - started)
-
 
 
 @dataclass(frozen=True)

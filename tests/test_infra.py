@@ -888,3 +888,12 @@ def test_render_refuses_a_public_proxy_without_the_api_key() -> None:
         render.check_serve_api_key(config)
     config["http_options"]["host"] = "127.0.0.1"
     render.check_serve_api_key(config)  # loopback needs none
+
+
+def test_a_rehearsal_service_that_never_started_is_not_alive_and_stops_cleanly() -> None:
+    """A fixture's cleanup calls stop() even when start() failed before launching anything."""
+    from infra.rehearsal import LocalPostgres, LocalPrefectServer, LocalS3
+
+    for service in (LocalPostgres(), LocalS3(), LocalPrefectServer()):
+        assert not service.alive()
+        service.stop()
