@@ -13,11 +13,10 @@ plus serving.
 
 The summary also gives the HTTP path at c=1 (mean served latency minus one direct batch-1 sampler
 call, and minus the replica's own sampling time in the same run) and, from the timings the
-server reports with each answer (schemas.Timings), where each
-request's time went: client + HTTP proxy (latency - ingress total), the ingress itself (validation,
-PNG encoding: total - handle), the handle call's transport and Serve's queue in front of the model
-replica (handle - model), the replica's batcher queue (including the batch wait) and the sampling
-(model = queue + sampling).
+server reports with each answer (schemas.Timings), where each request's time went: client + HTTP
+proxy (latency - ingress total), the ingress itself (validation, PNG encoding: total - handle), the
+handle call's transport and Serve's queue in front of the model replica (handle - model), the
+replica's batcher queue (including the batch wait) and the sampling (model = queue + sampling).
 
 "Platform floor" is the same closed loop against a no-op app of the same shape (Serve's HTTP proxy
 -> a FastAPI ingress -> a handle call -> a deployment that returns an 8x8 array at once): what Ray
@@ -174,10 +173,10 @@ def platform_floor(args: argparse.Namespace) -> dict[str, dict]:
 
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     serve.run(NoOpIngress.bind(NoOpModel.bind()), name="floor", route_prefix="/")
+    url = f"http://127.0.0.1:{args.port}"
     try:
         results = {}
         for concurrency in args.concurrency:
-            url = f"http://127.0.0.1:{args.port}"
             loop = asyncio.run(closed_loop(url, concurrency, args.steps, args.seconds))
             results[str(concurrency)] = {"requests_per_s": loop["images_per_s"], "p50_ms": loop["p50_ms"],
                                          "mean_latency_ms": loop["mean_latency_ms"]}

@@ -22,8 +22,8 @@ and 0.2) is the best measured for the digits budget on the production path. In p
 11.4 at 0.4 and 11.6 at 0.5, a difference within seed noise, with the labelled and marginal scores
 equal. Trained through Ray Train (benchmarks/quality.py, seed 0: results/quality.json against
 results/quality_label_dropout_0.4.json) 0.4 scored worse than 0.25 on the null label and on every
-other request, so 0.25 stays. Unlabelled requests do not
-use the null path by default (`class_prior`).
+other request, so 0.25 stays. Unlabelled requests do not use the null path by default
+(`class_prior`).
 
 Reproducibility: every random draw of step s on rank k comes from generators seeded by
 (seed, k, s, stream) (`seeds.derived_seed`): one stream for noise, timesteps and label dropout,
