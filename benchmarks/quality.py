@@ -4,15 +4,16 @@
                                             # 8 of training, 4 of the DDPM-1000 set, 3 of the rest)
     python -m benchmarks.quality --quick    # a smoke test at tiny settings (not a measurement)
 
-1. Ours: the DEFAULT TrainConfig on the built-in digits, one Ray Train worker (benchmarks/train.py's
-   run), sampled as users request it:
+1. Ours: the DEFAULT TrainConfig on the built-in digits, one Ray Train worker on every core (as
+   `run` places it on this machine; benchmarks/train.py's run), sampled as users request it:
    - `default`: a request without labels, what the service returns by default (each image's class
      drawn from the training split's class prior by its seed: the marginal p(x));
    - `null_label`: explicitly unconditional requests (the null class embedding);
    - `conditional`: labels 0..9 in turn, guidance 1;
    each with ddim and dpmpp_2m at 10 and 20 steps.
 2. The diffusers UNet2DModel loop of similar size (benchmarks/train.py's baseline, the same data
-   order, batch, optimiser, schedule and EMA) trained for the same wall-clock time as ours, sampled
+   order, batch, optimiser, schedule, EMA and torch threads) trained for the same wall-clock time as
+   ours, sampled
    with diffusers' DDIM and DPM-Solver++(2M) at 10 and 20 steps and its DDPM at 1000 steps.
 3. Every sample set is scored like the promotion gate scores a model (diffusion_core.metrics:
    the project's FD in the digits classifier's feature space, k-NN precision/recall,
@@ -41,6 +42,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.train import diffusers_sample, machine_info, ray_run, train_diffusers_baseline
+from diffusion_core.adapters.ray_cluster import local_cluster_cpus, local_worker_cpus
 from diffusion_core.atomic_io import atomic_write_text
 from diffusion_core.checkpoint import LoadedModel, load_checkpoint
 from diffusion_core.data.config import PrepareConfig
@@ -171,9 +173,9 @@ def main() -> None:
         common = {"dataset": dataset, "storage_path": f"{tmp}/ray", "tracking_uri": f"sqlite:///{tmp}/mlflow.db",
                   "run_name": "bench-quality"}
         tiny = {"steps": 20, "warmup_steps": 5, "checkpoint_every": 20, "sample_every": 20}
-        config = TrainConfig(**common, **(tiny if args.quick else {}))
+        config = TrainConfig(**common, cpus_per_worker=local_worker_cpus(1), **(tiny if args.quick else {}))
         out["train_config"] = config.recipe.model_dump(mode="json")
-        ray.init(num_cpus=threads + 1, include_dashboard=False, configure_logging=False)
+        ray.init(num_cpus=local_cluster_cpus(), include_dashboard=False, configure_logging=False)
         try:
             out["ours_training"], checkpoint = ray_run(config)
         finally:

@@ -2,7 +2,8 @@
 
     python -m benchmarks.train [--steps-2w 300] [--skip-diffusers]
 
-1. The DEFAULT TrainConfig on the built-in digits (one worker): wall time (start-up included),
+1. The DEFAULT TrainConfig on the built-in digits (one worker, placed as `run` places it on this
+   machine: every core, `ray_cluster.local_worker_cpus`): wall time (start-up included),
    images/s, and the quality of 1,000 EMA samples (dpmpp_2m, 20 steps) judged by a digit
    classifier (benchmarks/train_quality.py).
 2. The same with two workers for a shorter run: images/s.
@@ -11,9 +12,10 @@
    training time as run 1; sampled with diffusers' DPMSolverMultistepScheduler (DPM-Solver++(2M)),
    20 steps, and judged the same way. diffusers is the `bench` extra; the library never imports it.
 
-Ray is started with one logical CPU more than the machine has: Ray Data's read tasks need a free
-CPU while the training workers hold theirs (they read one shuffle window at a time, a small share
-of the time on this dataset).
+Ray is started as `run` starts it, with one logical CPU more than the machine has
+(`ray_cluster.local_cluster_cpus`): Ray Data's read tasks need a free CPU while the training
+workers hold theirs (they read one shuffle window at a time, a small share of the time on this
+dataset).
 Writes benchmarks/results/train.json with machine info.
 """
 
@@ -34,6 +36,7 @@ import numpy as np
 import torch
 
 from benchmarks.train_quality import DigitJudge
+from diffusion_core.adapters.ray_cluster import local_cluster_cpus, local_worker_cpus
 from diffusion_core.adapters.ray_data import decode_batch, row_group_rows
 from diffusion_core.adapters.ray_train import run_training
 from diffusion_core.atomic_io import atomic_write_text
@@ -184,14 +187,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         dataset = prepare(PrepareConfig(source="digits", output=f"{tmp}/digits")).uri
         common = {"dataset": dataset, "storage_path": f"{tmp}/ray", "tracking_uri": f"sqlite:///{tmp}/mlflow.db"}
-        ray.init(num_cpus=(os.cpu_count() or 1) + 1, include_dashboard=False, configure_logging=False)
+        ray.init(num_cpus=local_cluster_cpus(), include_dashboard=False, configure_logging=False)
         try:
-            default = TrainConfig(**common, run_name="bench-default")
+            default = TrainConfig(**common, run_name="bench-default", cpus_per_worker=local_worker_cpus(1))
             out["default_config"] = default.model_dump(mode="json")
             out["ray_1_worker_default"], checkpoint = ray_run(default)
             out["ray_1_worker_default"]["quality"] = judge_ours(judge, checkpoint)
-            two = TrainConfig(**common, run_name="bench-2w", num_workers=2, cpus_per_worker=1,
-                              steps=args.steps_2w)
+            two = TrainConfig(**common, run_name="bench-2w", num_workers=2,
+                              cpus_per_worker=local_worker_cpus(2), steps=args.steps_2w)
             out["ray_2_workers"], _ = ray_run(two)
         finally:
             ray.shutdown()

@@ -1,19 +1,24 @@
 """One training change at a time on the default digits model, scored on what users receive.
 
-Each variant trains in process (the same `train_step` as a Ray Train worker, one thread, no Ray or
-MLflow, so that only the change differs) and samples 900 images at the default 20 steps for four
-kinds of request, each scored on the project's FD, precision/recall and label accuracy:
+Each variant trains in process: the same `train_step` as a Ray Train worker on the same rows in the
+same order (`benchmarks.train.worker_order`, the data order of one worker), without Ray or MLflow.
+The weights are those of the Ray Train run: checked on the digits recipe, the largest difference
+from a one-thread Ray run was 0.0, and the default recipe here scored the FDs of the two-thread Ray
+run of results/quality.json to the last digit. It then samples 900 images at the default 20 steps
+for four kinds of request, each scored on the project's FD, precision/recall and label accuracy:
 
   marginal     no labels: classes drawn from the training split's class prior by seed (the default)
   null         unconditional=True: the null label
   cond_cycle   labels 0..9 cycling
   marginal_g2  as `marginal`, guidance scale 2
 
-    python -m benchmarks.train_sweep NAME [key=value ...] [--out F]    e.g. label_dropout=0.4 seed=1
+    python -m benchmarks.train_sweep NAME [key=value ...] [--out F] [--threads N]
+        e.g. label_dropout=0.4 seed=1
 
-adds the variant to benchmarks/results/train_sweep.json or F (about 5 minutes per variant on 2 quiet
-cores; in results/train_sweep.json the seed alone moves marginal FD by about 0.5 and null FD by up to
-1.7, so compare across seeds).
+adds the variant to benchmarks/results/train_sweep.json or F (one thread by default, so that two
+variants can run side by side on 2 cores: about 6 minutes each for the default recipe). The seed
+(model initialisation, noise and data order) alone moves the null-label FD by up to 3.2 and the
+marginal FD by up to 0.8 in results/train_sweep.json, so compare means over seeds.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.train import worker_order
 from diffusion_core.atomic_io import atomic_write_text
 from diffusion_core.checkpoint import DataSpec, LoadedModel, ModelSpec
 from diffusion_core.class_prior import class_prior, marginal_labels
@@ -57,15 +63,6 @@ def parse_overrides(args: list[str]) -> dict:
     return fields
 
 
-def batches(num_rows: int, batch_size: int, seed: int):
-    """Row indices of consecutive batches: a seeded permutation per pass over the data."""
-    generator = torch.Generator().manual_seed(seed)
-    while True:
-        order = torch.randperm(num_rows, generator=generator)
-        for start in range(0, num_rows - batch_size + 1, batch_size):
-            yield order[start:start + batch_size]
-
-
 def merged(defaults: dict, overrides: dict) -> dict:
     """`defaults` with `overrides` applied key by key (nested dicts merge; `unet.base_channels=24`
     changes that field of the default U-Net, not the whole U-Net)."""
@@ -82,10 +79,10 @@ def run_variant(name: str, overrides: dict, data: str) -> dict:
     reference = reference_from_dataset(data)
     extractor = feature_extractor_for(reference, EvalConfig())
     state = build_train_state(config)
-    rows = batches(images.shape[0], config.batch_size, config.seed)
+    order, b = worker_order(config, data, config.steps), config.batch_size
     start = time.perf_counter()
     while state.step < config.steps:
-        index = next(rows)
+        index = order[state.step * b:(state.step + 1) * b]
         train_step(state, config, images[index], labels[index])
     train_s = time.perf_counter() - start
     prior = class_prior(torch.bincount(labels, minlength=10).tolist())
@@ -95,7 +92,8 @@ def run_variant(name: str, overrides: dict, data: str) -> dict:
     model = LoadedModel(state.ema.averaged_model(state.model), spec, weights="ema")
     seeds = list(range(NUM_SAMPLES))
     drawn = marginal_labels(seeds, prior)
-    result = {"name": name, "overrides": overrides, "train_s": round(train_s, 1),
+    result = {"name": name, "overrides": overrides, "threads": torch.get_num_threads(),
+              "train_s": round(train_s, 1),
               "images_per_s": round(config.steps * config.batch_size / train_s, 1)}
     requests = {"marginal": ({}, drawn), "null": ({"unconditional": True}, None),
                 "cond_cycle": ({"labels": [i % 10 for i in seeds]}, [i % 10 for i in seeds]),
@@ -116,9 +114,10 @@ def main() -> None:
     parser.add_argument("name")
     parser.add_argument("overrides", nargs="*", help="TrainConfig fields as key=value (nested: a.b=1)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="the JSON to add the variant to")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the training")
     args = parser.parse_args()
     name, overrides, out = args.name, parse_overrides(args.overrides), args.out
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         data = str(Path(tmp) / "digits")
         prepare(PrepareConfig(source="digits", output=data))

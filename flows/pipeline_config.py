@@ -8,9 +8,9 @@ agree; the environment and flags then override that value (`SHARED_SETTINGS`).
 
 Every command resolves its defaults here, so that they agree with `run`: the work directory
 (`work_path`), the MLflow store in it (`resolved_tracking_uri`), the registered model's name
-(`resolved_model_name`, derived from the dataset) and, for training, the UNet and batch that fit
-the dataset and the machine (`train_defaults_for`). The precedence of the layers is documented
-once, in `flows.config`.
+(`resolved_model_name`, derived from the dataset) and, for training, the UNet, batch and worker
+CPUs that fit the dataset and the machine (`train_defaults_for`). The precedence of the layers is
+documented once, in `flows.config`.
 """
 
 from __future__ import annotations
@@ -55,6 +55,8 @@ DIGITS_SIZE = 8
 # Global batch of larger images on CPU workers: with the CPU UNet of `unet_fields_for` a 32x32 RGB
 # step then costs about as much as a digits step, so `run` stays within minutes.
 CPU_BATCH_SIZE = 64
+# Global batch on GPU workers, which a batch of 64 small images leaves mostly idle.
+GPU_BATCH_SIZE = 128
 
 
 def _explicit(model: BaseModel, field: str) -> Any:
@@ -188,13 +190,20 @@ class PipelineConfig(BaseModel):
             update["targets"] = [RayTarget(dashboard_url=dashboard_url)]
         return self.serving.model_copy(update=update)
 
+    def trains_locally(self) -> bool:
+        """Whether training runs on this machine's own Ray (no Ray address here or in RAY_ADDRESS)."""
+        from diffusion_core.adapters.ray_cluster import cluster_address  # imports Ray
+
+        return cluster_address(self.resolved_ray_address()) is None
+
     def train_config(self, dataset: DatasetManifest, dataset_uri: str, run_name: str,
                      warm_start: str | None) -> TrainConfig:
         """TrainConfig for `dataset`: checkpoints under the work dir, the pipeline's MLflow store and
-        Ray address, the UNet and batch of `train_defaults_for` unless `train` sets them."""
+        Ray address, the UNet, batch and worker CPUs of `train_defaults_for` unless `train` sets
+        them."""
         fields: dict[str, Any] = {
             "storage_path": str(self.work_path() / "ray_results"),
-            **train_defaults_for(dataset, self.train),
+            **train_defaults_for(dataset, self.train, local=self.trains_locally()),
             "dataset": dataset_uri,
             "run_name": run_name,
             "tracking_uri": self.resolved_tracking_uri(),
@@ -244,14 +253,24 @@ def pipeline_file_data(path: str | Path | None) -> dict[str, Any]:
     return data
 
 
-def train_defaults_for(dataset: DatasetManifest, given: Mapping[str, Any]) -> dict[str, Any]:
-    """TrainConfig fields for `dataset`: `given`, over the UNet of `unet_fields_for` and, for images
-    larger than the digits on CPU workers, a global batch of CPU_BATCH_SIZE. The digits keep
-    TrainConfig's own defaults."""
+def train_defaults_for(dataset: DatasetManifest, given: Mapping[str, Any],
+                       local: bool = False) -> dict[str, Any]:
+    """TrainConfig fields for `dataset`: `given`, over the UNet of `unet_fields_for`, a global
+    batch of GPU_BATCH_SIZE on GPU workers and of CPU_BATCH_SIZE for images larger than the digits
+    on CPU workers, and, for CPU workers on this machine's own Ray (`local`), its cores shared
+    among the workers (`local_worker_cpus`: each worker runs torch with that many threads). On a
+    cluster a CPU worker keeps TrainConfig's one CPU, as Ray's own default; the digits on CPU keep
+    TrainConfig's recipe."""
     use_gpu = bool(given.get("use_gpu", False))
     derived: dict[str, Any] = {}
-    if dataset.image_size > DIGITS_SIZE and not use_gpu:
+    if use_gpu:
+        derived["batch_size"] = GPU_BATCH_SIZE
+    elif dataset.image_size > DIGITS_SIZE:
         derived["batch_size"] = CPU_BATCH_SIZE
+    if local and not use_gpu:
+        from diffusion_core.adapters.ray_cluster import local_worker_cpus  # imports Ray
+
+        derived["cpus_per_worker"] = local_worker_cpus(int(given.get("num_workers", 1)))
     return {**derived, **given, "unet": unet_fields_for(dataset, given.get("unet") or {}, use_gpu)}
 
 

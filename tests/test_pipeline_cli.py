@@ -94,9 +94,31 @@ def test_training_defaults_follow_the_dataset_and_the_machine() -> None:
     assert (unet.base_channels, unet.num_res_blocks, unet.feature_sides()) == (32, 1, [32, 16, 8, 4])
     assert unet.attention_resolutions == (4,) and rgb["batch_size"] == 64
     gpu = train_defaults_for(manifest(32, 3, None), {"use_gpu": True})
-    assert UNetConfig(**gpu["unet"]).base_channels == 64 and "batch_size" not in gpu
+    assert UNetConfig(**gpu["unet"]).base_channels == 64 and gpu["batch_size"] == 128
     given = train_defaults_for(manifest(32, 3, None), {"batch_size": 16, "unet": {"base_channels": 48}})
     assert given["batch_size"] == 16 and given["unet"]["base_channels"] == 48
+
+
+def test_local_cpu_workers_share_the_cores_and_cluster_workers_keep_one_cpu() -> None:
+    """On this machine's own Ray a worker runs torch on every core (split among the workers); on a
+    cluster, on GPUs or when set, cpus_per_worker is left to TrainConfig or the user."""
+    from diffusion_core.adapters.ray_cluster import machine_cpus
+
+    digits = manifest(8, 1, 10)
+    assert train_defaults_for(digits, {}, local=True)["cpus_per_worker"] == machine_cpus()
+    two = train_defaults_for(digits, {"num_workers": 2}, local=True)["cpus_per_worker"]
+    assert two == max(1, machine_cpus() // 2)
+    assert "cpus_per_worker" not in train_defaults_for(digits, {}, local=False)
+    assert "cpus_per_worker" not in train_defaults_for(digits, {"use_gpu": True}, local=True)
+    assert train_defaults_for(digits, {"cpus_per_worker": 0.5}, local=True)["cpus_per_worker"] == 0.5
+
+
+def test_the_pipeline_trains_locally_only_without_a_ray_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert load_pipeline_config(None, {}).trains_locally()
+    assert not load_pipeline_config(None, {"ray_address": "head:6379"}).trains_locally()
+    monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")
+    assert not load_pipeline_config(None, {}).trains_locally()
 
 
 @pytest.mark.parametrize("size", [8, 10, 12, 16, 20, 24, 28, 32, 40, 48, 64])

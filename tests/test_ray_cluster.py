@@ -6,7 +6,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from diffusion_core.adapters.ray_cluster import RAY_ADDRESS_ENV, connect_ray, ray_is_reachable, stop_ray
+from diffusion_core.adapters.ray_cluster import (
+    RAY_ADDRESS_ENV,
+    connect_ray,
+    machine_cpus,
+    ray_is_reachable,
+    stop_ray,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -40,6 +46,17 @@ def test_without_an_address_this_process_starts_and_stops_its_own_ray(no_ray: No
     assert ray.is_initialized()
     stop_ray(connection)
     assert not ray.is_initialized()
+
+
+def test_a_local_ray_has_a_cpu_beyond_the_cores_for_ray_data_reads(no_ray: None) -> None:
+    """A worker may hold every core (pipeline_config.train_defaults_for) while a read task starts."""
+    import ray
+
+    connection = connect_ray(include_dashboard=False)
+    try:
+        assert ray.cluster_resources()["CPU"] == machine_cpus() + 1
+    finally:
+        stop_ray(connection)
 
 
 def test_with_an_address_the_cluster_is_someone_elses(no_ray: None, monkeypatch: pytest.MonkeyPatch) -> None:

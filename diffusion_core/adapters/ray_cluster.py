@@ -14,6 +14,12 @@ so the process that submits needs no Ray connection at all. `ray://` (Ray Client
 but Ray advises against it for long work such as Ray Train: the driver then lives outside the
 cluster and a dropped connection ends the run.
 
+A local Ray started here counts one logical CPU more than this machine has cores
+(`local_cluster_cpus`), so that training workers can run torch on every core
+(`local_worker_cpus`) while Ray Data's read tasks, which each need a CPU of their own to be
+scheduled, still start. The reads are short and run ahead of the steps, so the one core they share
+costs little; without that CPU a worker holding all cores would wait for a read that never starts.
+
 Ownership is decided from the address before `ray.init` runs: Ray has no public way to ask
 afterwards whether `ray.init` started the cluster. For the same reason a missing address starts
 a cluster explicitly (`address="local"`) instead of leaving the choice to `ray.init()`, which
@@ -48,6 +54,22 @@ class RayConnection:
         return self.how == "started"
 
 
+def machine_cpus() -> int:
+    """The cores this process may run on (its CPU affinity, which container limits set)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def local_cluster_cpus() -> int:
+    """Logical CPUs of a Ray started here: the cores plus one for Ray Data's reads (module docstring)."""
+    return machine_cpus() + 1
+
+
+def local_worker_cpus(num_workers: int) -> int:
+    """CPUs (and so torch threads) per training worker on a Ray started here: the cores shared
+    among the workers, at least one each."""
+    return max(1, machine_cpus() // max(1, num_workers))
+
+
 def cluster_address(address: str | None = None) -> str | None:
     """The cluster to connect to: `address`, else RAY_ADDRESS; None means start a local one."""
     return address or os.environ.get(RAY_ADDRESS_ENV) or None
@@ -73,7 +95,8 @@ def connect_ray(address: str | None = None, log_to_driver: bool = True,
                 **start_options: Any) -> RayConnection:
     """Connect to Ray by the module's rule. `log_to_driver`: whether the output of this driver's
     tasks and actors is copied to its stderr. `start_options` (e.g. `num_cpus`,
-    `include_dashboard`) are passed to `ray.init` only when this call starts the cluster."""
+    `include_dashboard`) are passed to `ray.init` only when this call starts the cluster; `num_cpus`
+    defaults to `local_cluster_cpus()`."""
     if ray.is_initialized():
         return RayConnection("reused")
     if job_submission_url(address) is not None:
@@ -86,6 +109,7 @@ def connect_ray(address: str | None = None, log_to_driver: bool = True,
     if target is not None:
         ray.init(address=target, configure_logging=False, log_to_driver=log_to_driver)
         return RayConnection("connected")
+    start_options.setdefault("num_cpus", local_cluster_cpus())
     ray.init(address="local", configure_logging=False, log_to_driver=log_to_driver, **start_options)
     return RayConnection("started")
 
