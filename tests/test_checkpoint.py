@@ -33,6 +33,10 @@ CHECKPOINT_FILES = {"model.safetensors", "ema.safetensors", "spec.json"}
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see conftest
 
 
+# One residual block more than the digits default: a model of another shape.
+DEEPER = UNetConfig.digits_default().num_res_blocks + 1
+
+
 def make_spec(num_classes: int | None = 10, **unet_overrides) -> ModelSpec:
     unet = UNetConfig(**{**UNetConfig.digits_default(num_classes=num_classes).model_dump(), **unet_overrides})
     labels = [str(i) for i in range(num_classes)] if num_classes else None
@@ -131,7 +135,7 @@ def _edit_spec(path: Path, edit) -> None:
         (lambda p: (p / "model.safetensors").write_bytes(b"\x00" * 20), "model.safetensors: unreadable"),
         (lambda p: _edit_spec(p, lambda s: s.update(format_version=2)), "format_version 2 is not supported"),
         (lambda p: _edit_spec(p, lambda s: s["unet"].update(base_channels=40)), "has shape"),
-        (lambda p: _edit_spec(p, lambda s: s["unet"].update(num_res_blocks=1)), "keys do not match"),
+        (lambda p: _edit_spec(p, lambda s: s["unet"].update(num_res_blocks=DEEPER)), "keys do not match"),
         (lambda p: _edit_spec(p, lambda s: s["data"].update(image_size=16)), "data: image_size/channels"),
         (lambda p: _edit_spec(p, lambda s: s["data"].update(label_names=["a"])), "label_names"),
         (lambda p: _edit_spec(p, lambda s: s["unet"].update(colour=True)), "unet.colour"),
@@ -235,7 +239,7 @@ def test_generate_rejects_bad_requests(saved) -> None:
 def test_save_refuses_an_ema_of_another_model(tmp_path: Path) -> None:
     spec = make_spec()
     model, _ = trained_pair(spec)
-    _, other_ema = trained_pair(make_spec(num_res_blocks=1))
+    _, other_ema = trained_pair(make_spec(num_res_blocks=DEEPER))
     with pytest.raises(CheckpointError, match="ema"):
         save_checkpoint(tmp_path / "ckpt", model, spec, ema=other_ema)
     assert not (tmp_path / "ckpt").exists()
