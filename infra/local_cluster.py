@@ -46,9 +46,21 @@ _PORT_FLAGS = (
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int, exclude: frozenset[int] = frozenset()) -> list[int]:
+    """`count` distinct TCP ports on 127.0.0.1 that nothing listens on right now, none in `exclude`.
+    Every socket stays bound until all are chosen: `free_port` called `count` times may get one
+    port twice, since the OS can hand a released port out again at once."""
+    with contextlib.ExitStack() as stack:
+        ports: list[int] = []
+        while len(ports) < count:
+            s = stack.enter_context(socket.socket())
+            s.bind(("127.0.0.1", 0))
+            if s.getsockname()[1] not in exclude:
+                ports.append(s.getsockname()[1])
+        return ports
 
 
 @dataclass
@@ -171,16 +183,18 @@ class LocalRayCluster:
             "--temp-dir", str(node.temp_dir), "--disable-usage-stats",
             "--node-ip-address", "127.0.0.1",
         ]
+        host, port = self.address.split(":")
+        taken = frozenset({int(port)} | ({self.dashboard_port} if self.dashboard_port else set()))
+        ports = iter(free_ports(len(_PORT_FLAGS) + 2, exclude=taken))
         for flag in _PORT_FLAGS:
-            args += [flag, str(free_port())]
+            args += [flag, str(next(ports))]
         if not head:
             return [*args, "--address", self.address]
-        host, port = self.address.split(":")
-        args += ["--head", "--port", port, "--ray-client-server-port", str(free_port())]
+        args += ["--head", "--port", port, "--ray-client-server-port", str(next(ports))]
         if self.dashboard_port is None:
             # A free port even so: `ray start` still checks its dashboard port, and the default
             # 8265 may belong to another Ray on this machine.
-            return [*args, "--include-dashboard=false", "--dashboard-port", str(free_port())]
+            return [*args, "--include-dashboard=false", "--dashboard-port", str(next(ports))]
         return [*args, "--include-dashboard=true", "--dashboard-host", host,
                 "--dashboard-port", str(self.dashboard_port)]
 

@@ -51,6 +51,21 @@ def run_driver(code: str, env: dict[str, str], *args: str, timeout: float = 120)
     return out.stdout.strip().splitlines()[-1]
 
 
+def test_every_port_a_node_is_given_is_its_own() -> None:
+    """`ray start` refuses two components on one port; a node's ports are chosen together, apart
+    from the head's GCS and dashboard ports."""
+    cluster = local_cluster.LocalRayCluster(num_nodes=2, cpus_per_node=1,
+                                            dashboard_port=local_cluster.free_port())
+    cluster.address = f"127.0.0.1:{local_cluster.free_port()}"
+    fixed = {int(cluster.address.split(":")[1]), cluster.dashboard_port}
+    for head in (True, False) * 50:
+        args = cluster._node_args(local_cluster.LocalNode(Path("/tmp/unused")), head=head)
+        ports = [int(args[i + 1]) for i, flag in enumerate(args)
+                 if flag.endswith("-port") and flag not in ("--port", "--dashboard-port")]
+        assert len(ports) == len(set(ports)) and not set(ports) & fixed
+    assert len(set(local_cluster.free_ports(200))) == 200
+
+
 @pytest.fixture()
 def two_node_cluster(request: pytest.FixtureRequest) -> Iterator:
     for_training = getattr(request, "param", False)
