@@ -35,8 +35,7 @@ def running_app(settings, env: dict[str, str] | None = None) -> Iterator[str]:
     """Start the app of `settings` (ServeSettings) declaratively on the session's Ray, with 0-CPU
     actors (one torch thread each) and `env` in the replicas' environment -> its URL. Serve is shut
     down afterwards; the session's Ray stays up."""
-    import ray
-    from local_services import RAY_TEST_CPUS
+    from local_services import init_session_ray
     from ray import serve
 
     from serving import control
@@ -47,8 +46,7 @@ def running_app(settings, env: dict[str, str] | None = None) -> Iterator[str]:
         app["runtime_env"] = {"env_vars": env}
     for deployment in app["deployments"]:
         deployment["ray_actor_options"] = {"num_cpus": 0}
-    if not ray.is_initialized():
-        ray.init(num_cpus=RAY_TEST_CPUS, include_dashboard=False, configure_logging=False)
+    init_session_ray()  # with its dashboard: start_app goes through Serve's REST API
     try:
         control.start_app(settings, base, timeout_s=240)
         yield settings.url
