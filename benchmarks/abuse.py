@@ -34,8 +34,9 @@ from typing import Any
 import httpx
 import numpy as np
 
-from benchmarks.measure import TreeMemory, free_port, untrained_digits_checkpoint
+from benchmarks.measure import TreeMemory, untrained_digits_checkpoint
 from diffusion_core.atomic_io import atomic_write_text
+from infra.local_cluster import free_port
 from serving.config import ServeSettings
 
 logger = logging.getLogger("benchmarks.abuse")

@@ -6,19 +6,12 @@ Run the benchmarks that import this as modules from the repository root (`python
 
 from __future__ import annotations
 
-import socket
 import threading
 from pathlib import Path
 
 import psutil
 
 SAMPLE_EVERY_S = 1.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def untrained_digits_checkpoint(directory: Path) -> Path:

@@ -13,8 +13,8 @@
    each with ddim and dpmpp_2m at 10 and 20 steps.
 2. The diffusers UNet2DModel loop of similar size (benchmarks/train.py's baseline, the same data
    order, batch, optimiser, schedule, EMA and torch threads) trained for the same wall-clock time as
-   ours, sampled
-   with diffusers' DDIM and DPM-Solver++(2M) at 10 and 20 steps and its DDPM at 1000 steps.
+   ours, sampled with diffusers' DDIM and DPM-Solver++(2M) at 10 and 20 steps and its DDPM at 1000
+   steps.
 3. Every sample set is scored like the promotion gate scores a model (diffusion_core.metrics:
    the project's FD in the digits classifier's feature space, k-NN precision/recall,
    memorisation against the training split) and timed: seconds to generate `--images` images with
@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -42,7 +41,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.train import diffusers_sample, machine_info, ray_run, train_diffusers_baseline
-from diffusion_core.adapters.ray_cluster import local_cluster_cpus, local_worker_cpus
+from diffusion_core.adapters.ray_cluster import local_cluster_cpus, local_worker_cpus, machine_cpus
 from diffusion_core.atomic_io import atomic_write_text
 from diffusion_core.checkpoint import LoadedModel, load_checkpoint
 from diffusion_core.data.config import PrepareConfig
@@ -165,7 +164,7 @@ def main() -> None:
     import ray
 
     num_images, ddpm_images = (60, 20) if args.quick else (args.images, args.ddpm_images)
-    threads = os.cpu_count() or 1
+    threads = machine_cpus()
     out: dict[str, object] = {"machine": machine_info(), "quick": args.quick, "images": num_images,
                               "ddpm_images": ddpm_images, "sampling_threads": threads}
     with tempfile.TemporaryDirectory() as tmp:

@@ -43,10 +43,11 @@ import httpx
 import numpy as np
 import torch
 
-from benchmarks.measure import free_port, untrained_digits_checkpoint
+from benchmarks.measure import untrained_digits_checkpoint
 from diffusion_core.atomic_io import atomic_write_text
 from diffusion_core.checkpoint import LoadedModel, load_checkpoint
 from diffusion_core.sampling_defaults import DEFAULT_SAMPLER, DEFAULT_STEPS
+from infra.local_cluster import free_port
 from serving.config import ServeSettings
 from serving.schemas import Timings
 

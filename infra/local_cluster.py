@@ -58,8 +58,9 @@ def free_ports(count: int, exclude: frozenset[int] = frozenset()) -> list[int]:
         while len(ports) < count:
             s = stack.enter_context(socket.socket())
             s.bind(("127.0.0.1", 0))
-            if s.getsockname()[1] not in exclude:
-                ports.append(s.getsockname()[1])
+            port = s.getsockname()[1]
+            if port not in exclude:
+                ports.append(port)
         return ports
 
 
@@ -184,7 +185,7 @@ class LocalRayCluster:
             "--node-ip-address", "127.0.0.1",
         ]
         host, port = self.address.split(":")
-        taken = frozenset({int(port)} | ({self.dashboard_port} if self.dashboard_port else set()))
+        taken = frozenset(p for p in (int(port), self.dashboard_port) if p is not None)
         ports = iter(free_ports(len(_PORT_FLAGS) + 2, exclude=taken))
         for flag in _PORT_FLAGS:
             args += [flag, str(next(ports))]

@@ -1,25 +1,20 @@
-"""Helpers for tests that start local services: free loopback ports, waiting for HTTP, stopping
-process groups. A plain module, not conftest: `from local_services import ...` is ambiguous once a
-subfolder has its own conftest.py, and pytest may resolve it to that one."""
+"""Helpers for tests that start local services: free loopback ports (infra.local_cluster's), waiting
+for HTTP, stopping process groups. A plain module, not conftest: `from local_services import ...`
+is ambiguous once a subfolder has its own conftest.py, and pytest may resolve it to that one."""
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 
+from infra.local_cluster import free_port
+
 # Logical CPUs for the session Ray: more than the 2 physical cores so that two 1-CPU training
 # workers and Serve replicas can coexist; the tests are sized so that this does not oversubscribe.
 RAY_TEST_CPUS = 4
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(url: str, proc: subprocess.Popen, timeout: float, log_path: Path) -> None:
